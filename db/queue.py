@@ -1,0 +1,423 @@
+"""Queue operations. Each public function is one transaction on a session factory.
+
+Records returned to callers are frozen dataclasses, never live ORM objects.
+Job claims are atomic: a compare-and-set UPDATE on the job's status (and on
+PostgreSQL a ``FOR UPDATE SKIP LOCKED`` select), so two workers never run the
+same job. Every transition of a running job is fenced by its lease owner, so a
+worker whose lease expired cannot overwrite the outcome of the run that replaced it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.schema import Instance, Job, JobStatus, Result, ResultStatus, Series, Study
+
+SessionFactory = sessionmaker[Session]
+
+
+@dataclass(frozen=True)
+class InstanceMeta:
+    """What the SCP records for a stored instance."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    path: str
+    size: int
+    calling_ae: str
+    modality: str = ""
+    body_part: str = ""
+    series_description: str = ""
+    series_number: int | None = None
+    accession_number: str | None = None
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """A series as the router sees it."""
+
+    id: int
+    study_id: int
+    series_uid: str
+    modality: str
+    sop_class_uid: str
+    body_part: str
+    series_description: str
+    run: int
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """A job to create: one per (series, model)."""
+
+    series_id: int
+    model: str
+    route: str
+    destinations: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: int
+    series_id: int
+    study_id: int
+    series_uid: str
+    study_uid: str
+    model: str
+    route: str
+    destinations: tuple[str, ...]
+    run: int
+    uid_seed: str
+    status: JobStatus
+    attempts: int
+    max_attempts: int
+    lease_owner: str | None
+
+
+@dataclass(frozen=True)
+class ResultSpec:
+    """A produced object to deliver to each of the job's destinations."""
+
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: str
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    id: int
+    job_id: int
+    destination: str
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: str
+    status: ResultStatus
+    attempts: int
+
+
+# --- ingest -----------------------------------------------------------------
+
+
+def record_instance(factory: SessionFactory, meta: InstanceMeta, now: datetime) -> bool:
+    """Record a stored instance; return False when its SOP Instance UID was already known.
+
+    Creates the study and series on first sight; marks the series pending so the
+    stability sweep (re)evaluates it, also when the study was already processed.
+    """
+    with factory.begin() as s:
+        if s.scalar(select(Instance.id).where(Instance.sop_uid == meta.sop_uid)) is not None:
+            return False
+        study = s.scalar(select(Study).where(Study.study_uid == meta.study_uid))
+        if study is None:
+            study = Study(study_uid=meta.study_uid, accession_number=meta.accession_number,
+                          first_received_at=now, last_received_at=now, runs=0)
+            s.add(study)
+            s.flush()
+        study.last_received_at = now
+        series = s.scalar(select(Series).where(Series.series_uid == meta.series_uid))
+        if series is None:
+            series = Series(study_id=study.id, series_uid=meta.series_uid, modality=meta.modality,
+                            sop_class_uid=meta.sop_class_uid, body_part=meta.body_part,
+                            series_description=meta.series_description,
+                            series_number=meta.series_number, instance_count=0,
+                            last_received_at=now, pending=True, runs=0)
+            s.add(series)
+            s.flush()
+        series.instance_count += 1
+        series.last_received_at = now
+        series.pending = True
+        s.add(Instance(series_id=series.id, sop_uid=meta.sop_uid,
+                       sop_class_uid=meta.sop_class_uid, transfer_syntax=meta.transfer_syntax,
+                       path=meta.path, size=meta.size, calling_ae=meta.calling_ae,
+                       received_at=now))
+    return True
+
+
+def instance_known(factory: SessionFactory, sop_uid: str) -> bool:
+    with factory() as s:
+        return s.scalar(select(Instance.id).where(Instance.sop_uid == sop_uid)) is not None
+
+
+# --- study completion and routing ---------------------------------------------
+
+
+def dispatch_stable_studies(
+    factory: SessionFactory,
+    now: datetime,
+    stable_seconds: Callable[[Sequence[str]], float],
+    plan: Callable[[SeriesInfo], list[JobPlan]],
+    max_attempts: int,
+) -> list[int]:
+    """Complete every study quiet for long enough and queue its jobs.
+
+    ``stable_seconds(modalities)`` gives the quiet period of a study from the
+    modalities of its series; ``plan(series)`` evaluates the routes. Each study is
+    completed in its own transaction. Returns the ids of the jobs created.
+    """
+    with factory() as s:
+        candidates = s.execute(
+            select(Study.id, Study.last_received_at)
+            .where(Study.id.in_(select(Series.study_id).where(Series.pending.is_(True))))
+        ).all()
+    created: list[int] = []
+    for study_id, last in candidates:
+        with factory.begin() as s:
+            study = s.get(Study, study_id)
+            if study is None:
+                continue
+            series_rows = s.scalars(select(Series).where(Series.study_id == study_id)).all()
+            quiet = stable_seconds([row.modality for row in series_rows])
+            if study.last_received_at > now - timedelta(seconds=quiet):
+                continue
+            pending = [row for row in series_rows if row.pending]
+            if not pending:
+                continue
+            study.completed_at = now
+            study.runs += 1
+            for row in pending:
+                row.pending = False
+                row.runs += 1
+                info = SeriesInfo(id=row.id, study_id=study_id, series_uid=row.series_uid,
+                                  modality=row.modality, sop_class_uid=row.sop_class_uid,
+                                  body_part=row.body_part,
+                                  series_description=row.series_description, run=row.runs)
+                for job_plan in plan(info):
+                    job = Job(series_id=row.id, study_id=study_id, model=job_plan.model,
+                              route=job_plan.route, destinations=",".join(job_plan.destinations),
+                              run=row.runs, uid_seed=uuid.uuid4().hex, status=JobStatus.QUEUED,
+                              attempts=0, max_attempts=max_attempts, created_at=now)
+                    s.add(job)
+                    s.flush()
+                    created.append(job.id)
+    return created
+
+
+# --- jobs -------------------------------------------------------------------
+
+
+def _job_record(s: Session, job: Job) -> JobRecord:
+    series = s.get(Series, job.series_id)
+    study = s.get(Study, job.study_id)
+    assert series is not None and study is not None
+    return JobRecord(
+        id=job.id, series_id=job.series_id, study_id=job.study_id, series_uid=series.series_uid,
+        study_uid=study.study_uid, model=job.model, route=job.route,
+        destinations=tuple(d for d in job.destinations.split(",") if d), run=job.run,
+        uid_seed=job.uid_seed, status=job.status, attempts=job.attempts,
+        max_attempts=job.max_attempts, lease_owner=job.lease_owner,
+    )
+
+
+def get_job(factory: SessionFactory, job_id: int) -> JobRecord | None:
+    with factory() as s:
+        job = s.get(Job, job_id)
+        return None if job is None else _job_record(s, job)
+
+
+def claim_job(
+    factory: SessionFactory,
+    owner: str,
+    now: datetime,
+    lease_seconds: float,
+    models: Iterable[str] | None = None,
+) -> JobRecord | None:
+    """Atomically take the oldest due queued job (optionally only for ``models``)."""
+    for _ in range(5):
+        with factory.begin() as s:
+            query = (
+                select(Job.id)
+                .where(Job.status == JobStatus.QUEUED)
+                .where(or_(Job.not_before.is_(None), Job.not_before <= now))
+                .order_by(Job.id)
+                .limit(1)
+            )
+            if models is not None:
+                query = query.where(Job.model.in_(list(models)))
+            if s.bind is not None and s.bind.dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            job_id = s.scalar(query)
+            if job_id is None:
+                return None
+            claimed = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+                .values(status=JobStatus.RUNNING, lease_owner=owner,
+                        lease_expires_at=now + timedelta(seconds=lease_seconds),
+                        attempts=Job.attempts + 1, started_at=now, last_error=None)
+            ).rowcount
+            if claimed == 1:
+                job = s.get(Job, job_id)
+                assert job is not None
+                s.refresh(job)
+                return _job_record(s, job)
+    return None
+
+
+def _fenced(job_id: int, owner: str) -> list[object]:
+    return [Job.id == job_id, Job.status == JobStatus.RUNNING, Job.lease_owner == owner]
+
+
+def heartbeat(factory: SessionFactory, job_id: int, owner: str, now: datetime,
+              lease_seconds: float) -> bool:
+    """Extend the lease; False when the job is no longer ours (expired and requeued)."""
+    with factory.begin() as s:
+        return s.execute(
+            update(Job).where(*_fenced(job_id, owner))
+            .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        ).rowcount == 1
+
+
+def complete_job(factory: SessionFactory, job_id: int, owner: str, now: datetime,
+                 results: Sequence[ResultSpec], inference_seconds: float) -> bool:
+    """Mark the job done and put its results in the outbox, in one transaction."""
+    with factory.begin() as s:
+        done = s.execute(
+            update(Job).where(*_fenced(job_id, owner))
+            .values(status=JobStatus.DONE, finished_at=now, lease_owner=None,
+                    lease_expires_at=None, inference_seconds=inference_seconds, last_error=None)
+        ).rowcount == 1
+        if not done:
+            s.rollback()
+            return False
+        job = s.get(Job, job_id)
+        assert job is not None
+        for dest in (d for d in job.destinations.split(",") if d):
+            for spec in results:
+                s.add(Result(job_id=job_id, destination=dest, kind=spec.kind,
+                             sop_class_uid=spec.sop_class_uid,
+                             sop_instance_uid=spec.sop_instance_uid, path=spec.path,
+                             status=ResultStatus.PENDING, attempts=0, next_attempt_at=now,
+                             created_at=now))
+    return True
+
+
+def fail_job(factory: SessionFactory, job_id: int, owner: str, now: datetime, error: str,
+             *, retry: bool, retry_delay: float = 5.0) -> JobStatus | None:
+    """Record a failure: requeue while attempts remain (and ``retry``), else FAILED."""
+    with factory.begin() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.status != JobStatus.RUNNING or job.lease_owner != owner:
+            return None
+        status = (JobStatus.QUEUED if retry and job.attempts < job.max_attempts
+                  else JobStatus.FAILED)
+        job.status = status
+        job.last_error = error[:2000]
+        job.lease_owner = None
+        job.lease_expires_at = None
+        if status is JobStatus.QUEUED:
+            job.not_before = now + timedelta(seconds=retry_delay)
+        else:
+            job.finished_at = now
+        return status
+
+
+def skip_job(factory: SessionFactory, job_id: int, owner: str, now: datetime,
+             reason: str) -> bool:
+    """The model does not accept this input: SKIPPED with the reason, no result."""
+    with factory.begin() as s:
+        return s.execute(
+            update(Job).where(*_fenced(job_id, owner))
+            .values(status=JobStatus.SKIPPED, finished_at=now, lease_owner=None,
+                    lease_expires_at=None, last_error=reason[:2000])
+        ).rowcount == 1
+
+
+def release_job(factory: SessionFactory, job_id: int, owner: str) -> bool:
+    """Give a running job back to the queue without counting the attempt (clean shutdown)."""
+    with factory.begin() as s:
+        return s.execute(
+            update(Job).where(*_fenced(job_id, owner))
+            .values(status=JobStatus.QUEUED, lease_owner=None, lease_expires_at=None,
+                    attempts=Job.attempts - 1)
+        ).rowcount == 1
+
+
+def requeue_expired(factory: SessionFactory, now: datetime) -> list[int]:
+    """Requeue running jobs whose lease expired (their worker died); fail those out of attempts."""
+    with factory.begin() as s:
+        jobs = s.scalars(
+            select(Job).where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+        ).all()
+        for job in jobs:
+            job.last_error = f"lease of {job.lease_owner} expired (worker died or hung)"
+            job.lease_owner = None
+            job.lease_expires_at = None
+            if job.attempts >= job.max_attempts:
+                job.status = JobStatus.FAILED
+                job.finished_at = now
+            else:
+                job.status = JobStatus.QUEUED
+        return [job.id for job in jobs]
+
+
+def series_instance_paths(factory: SessionFactory, series_id: int) -> list[str]:
+    with factory() as s:
+        return list(s.scalars(
+            select(Instance.path).where(Instance.series_id == series_id).order_by(Instance.id)
+        ))
+
+
+# --- outbox -----------------------------------------------------------------
+
+
+def _result_record(r: Result) -> ResultRecord:
+    return ResultRecord(id=r.id, job_id=r.job_id, destination=r.destination, kind=r.kind,
+                        sop_class_uid=r.sop_class_uid, sop_instance_uid=r.sop_instance_uid,
+                        path=r.path, status=r.status, attempts=r.attempts)
+
+
+def due_results(factory: SessionFactory, now: datetime, limit: int = 100) -> list[ResultRecord]:
+    with factory() as s:
+        rows = s.scalars(
+            select(Result)
+            .where(and_(Result.status == ResultStatus.PENDING, Result.next_attempt_at <= now))
+            .order_by(Result.id).limit(limit)
+        ).all()
+        return [_result_record(r) for r in rows]
+
+
+def mark_sent(factory: SessionFactory, result_id: int, now: datetime) -> None:
+    with factory.begin() as s:
+        s.execute(update(Result).where(Result.id == result_id)
+                  .values(status=ResultStatus.SENT, sent_at=now, attempts=Result.attempts + 1,
+                          last_error=None))
+
+
+def mark_send_failed(factory: SessionFactory, result_id: int, now: datetime, error: str, *,
+                     retry_at: datetime | None, max_attempts: int) -> ResultStatus:
+    """Count a failed attempt: PENDING again at ``retry_at``, or FAILED (no retry or exhausted)."""
+    with factory.begin() as s:
+        result = s.get(Result, result_id)
+        assert result is not None
+        result.attempts += 1
+        result.last_error = error[:2000]
+        if retry_at is None or result.attempts >= max_attempts:
+            result.status = ResultStatus.FAILED
+        else:
+            result.next_attempt_at = retry_at
+        return result.status
+
+
+def count_jobs(factory: SessionFactory) -> dict[str, int]:
+    with factory() as s:
+        rows = s.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+        return {status.value: n for status, n in rows}
+
+
+def first_instance_path(factory: SessionFactory, series_id: int) -> str | None:
+    with factory() as s:
+        return s.scalar(
+            select(Instance.path).where(Instance.series_id == series_id)
+            .order_by(Instance.id).limit(1)
+        )

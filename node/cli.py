@@ -1,0 +1,159 @@
+"""The ``ainode`` command line."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from node.errors import ConfigError
+from node.settings import CONFIG_ENV, Settings, load_settings
+
+app = typer.Typer(help="ainode: an AI node for a hospital PACS.", no_args_is_help=True,
+                  add_completion=False)
+db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
+models_app = typer.Typer(help="Installed models.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(models_app, name="models")
+err = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", envvar=CONFIG_ENV, help="TOML configuration file.",
+                 show_default="embedded default config"),
+]
+
+
+def _settings(path: Path | None) -> Settings:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        err.print(f"[red]configuration error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Receive, queue, infer and send: the whole node."""
+    from node.logs import configure
+    from node.serve import serve as run
+
+    settings = _settings(config)
+    configure(settings.logging.level)
+    raise typer.Exit(run(settings, config))
+
+
+@app.command()
+def worker(config: ConfigOption = None,
+           device: Annotated[str | None, typer.Option(help="Override workers.device.")] = None
+           ) -> None:
+    """Run one inference worker (serve starts workers.count of these)."""
+    from db.engine import make_engine, make_session_factory
+    from db.queue import requeue_expired
+    from models.registry import discover
+    from node.clock import utcnow
+    from node.logs import configure
+    from node.worker import Worker, resolve_device
+
+    settings = _settings(config)
+    configure(settings.logging.level)
+    factory = make_session_factory(make_engine(settings.database.url))
+    requeue_expired(factory, utcnow())
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    Worker(settings=settings, factory=factory, registry=discover(), clock=utcnow,
+           device=resolve_device(device or settings.workers.device)).run(stop)
+
+
+@app.command("check-config")
+def check_config(path: Annotated[Path, typer.Argument(help="TOML configuration file.")]) -> None:
+    """Validate a configuration file without serving."""
+    from models.registry import discover
+
+    settings = _settings(path)
+    known = discover()
+    missing = sorted({m for r in settings.routes for m in r.models} - set(known))
+    if missing:
+        err.print(f"[red]configuration error:[/red] {path}: routes name unknown model(s) "
+                  f"{', '.join(missing)}; installed: {', '.join(sorted(known))}")
+        raise typer.Exit(2)
+    typer.echo(f"{path}: OK ({len(settings.routes)} route(s), "
+               f"{len(settings.destinations)} destination(s))")
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOption = None) -> None:
+    """Apply the database migrations."""
+    from db.migrate import upgrade
+
+    settings = _settings(config)
+    upgrade(settings.database.url)
+    typer.echo("database is at the latest revision")
+
+
+@app.command()
+def echo(destination: Annotated[str, typer.Argument(help="Destination name from the config.")],
+         config: ConfigOption = None) -> None:
+    """C-ECHO a configured destination."""
+    from node.scp import quiet_pynetdicom
+    from node.sender import echo as c_echo
+
+    settings = _settings(config)
+    try:
+        dest = settings.destination(destination)
+    except KeyError:
+        err.print(f"[red]unknown destination[/red] {destination!r}; configured: "
+                  f"{', '.join(d.name for d in settings.destinations) or 'none'}")
+        raise typer.Exit(2) from None
+    quiet_pynetdicom()
+    result = c_echo(dest, settings.dicom.ae_title)
+    typer.echo(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): {result.message}")
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@models_app.command("list")
+def models_list(config: ConfigOption = None,
+                as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the installed models with version and accepted input."""
+    from models.registry import create, discover
+    from node.worker import resolve_device
+
+    settings = _settings(config)
+    device = resolve_device(settings.workers.device)
+    rows = []
+    for name in sorted(discover()):
+        model = create(name)
+        spec = model.input_spec
+        rows.append({"name": name, "version": model.version,
+                     "modalities": list(spec.modalities), "min_slices": spec.min_slices,
+                     "device": device, "intended_use": model.intended_use})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("model", "version", "accepts", "device")
+    for row in rows:
+        table.add_row(str(row["name"]), str(row["version"]),
+                      f"{','.join(row['modalities'])} (>= {row['min_slices']} image(s))",  # type: ignore[arg-type]
+                      str(row["device"]))
+    Console().print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

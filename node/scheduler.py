@@ -1,0 +1,51 @@
+"""Periodic work, driven by apscheduler: study completion, lease sweep, sending."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from functools import partial
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from db.queue import SessionFactory, dispatch_stable_studies, first_instance_path, requeue_expired
+from node.routing import make_planner, stable_seconds_for
+from node.sender import send_due
+from node.settings import Settings
+
+log = logging.getLogger("ainode.scheduler")
+
+
+def complete_studies(settings: Settings, factory: SessionFactory,
+                     clock: Callable[[], datetime]) -> list[int]:
+    """Mark quiet studies complete and queue one job per (series, model)."""
+    planner = make_planner(settings.routes, settings.storage.dir,
+                           partial(first_instance_path, factory))
+    jobs = dispatch_stable_studies(factory, clock(), stable_seconds_for(settings.study), planner,
+                                   settings.workers.max_attempts)
+    if jobs:
+        log.info("queued job(s) %s", ",".join(map(str, jobs)))
+    return jobs
+
+
+def sweep_leases(factory: SessionFactory, clock: Callable[[], datetime]) -> list[int]:
+    requeued = requeue_expired(factory, clock())
+    if requeued:
+        log.warning("lease expired for job(s) %s: requeued or failed", ",".join(map(str, requeued)))
+    return requeued
+
+
+def make_scheduler(settings: Settings, factory: SessionFactory,
+                   clock: Callable[[], datetime]) -> BackgroundScheduler:
+    """A scheduler with the node's periodic jobs (not started)."""
+    scheduler = BackgroundScheduler(timezone="UTC", job_defaults={
+        "coalesce": True, "max_instances": 1, "misfire_grace_time": None})
+    scheduler.add_job(complete_studies, "interval", args=[settings, factory, clock],
+                      seconds=settings.study.check_interval_seconds, id="complete-studies")
+    scheduler.add_job(sweep_leases, "interval", args=[factory, clock],
+                      seconds=max(1.0, min(10.0, settings.workers.lease_seconds / 4)),
+                      id="sweep-leases")
+    scheduler.add_job(send_due, "interval", args=[settings, factory, clock],
+                      seconds=settings.send.interval_seconds, id="send-results")
+    return scheduler

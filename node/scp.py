@@ -1,0 +1,222 @@
+"""The DICOM receiver: C-ECHO and C-STORE.
+
+The C-STORE handler only stores: the encoded dataset as received (pixel data
+never decoded) with a file meta header goes to a temp file, is fsync'd and
+renamed into place, its row is committed, and only then is success returned.
+Everything else happens later, off the association.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydicom import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessP14,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, _config, evt
+from pynetdicom import sop_class as sc
+from pynetdicom.transport import ThreadedAssociationServer
+
+from db.queue import InstanceMeta, SessionFactory, instance_known, record_instance
+from node.errors import InvalidInstance, StorageError
+from node.settings import DicomSettings, StorageSettings
+from node.storage import StorageFull, check_uid, durable_write, ensure_free_space, instance_path
+
+log = logging.getLogger("ainode.scp")
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_SOP_CLASS_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC210
+STATUS_PROCESSING_FAILURE = 0x0110
+
+STORAGE_SOP_CLASSES: tuple[str, ...] = (
+    sc.ComputedRadiographyImageStorage,
+    sc.DigitalXRayImageStorageForPresentation,
+    sc.DigitalXRayImageStorageForProcessing,
+    sc.CTImageStorage,
+    sc.EnhancedCTImageStorage,
+    sc.LegacyConvertedEnhancedCTImageStorage,
+    sc.MRImageStorage,
+    sc.EnhancedMRImageStorage,
+    sc.LegacyConvertedEnhancedMRImageStorage,
+    sc.SecondaryCaptureImageStorage,
+    sc.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    sc.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    sc.MultiFrameTrueColorSecondaryCaptureImageStorage,
+)
+
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessP14,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
+
+
+@dataclass(frozen=True)
+class StoreContext:
+    """Everything the C-STORE handler needs, passed in."""
+
+    storage: StorageSettings
+    factory: SessionFactory
+    clock: Callable[[], datetime]
+
+
+def _text(ds: Dataset, keyword: str, limit: int) -> str:
+    value = ds.get(keyword, "")
+    return str(value or "").strip()[:limit]
+
+
+def _int_or_none(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def read_meta(ds: Dataset, affected_sop_class: str, affected_sop_instance: str) -> InstanceMeta:
+    """Extract and check what the database needs; raise :class:`InvalidInstance` when unusable."""
+    try:
+        sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOP Instance UID")
+        sop_class = check_uid(ds.get("SOPClassUID"), "SOP Class UID")
+        study_uid = check_uid(ds.get("StudyInstanceUID"), "Study Instance UID")
+        series_uid = check_uid(ds.get("SeriesInstanceUID"), "Series Instance UID")
+        if sop_uid != affected_sop_instance:
+            raise InvalidInstance("SOP Instance UID differs from the request's")
+        if sop_class != affected_sop_class:
+            raise InvalidInstance("SOP Class UID differs from the request's")
+        return InstanceMeta(
+            study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, sop_class_uid=sop_class,
+            transfer_syntax="", path="", size=0, calling_ae="",
+            modality=_text(ds, "Modality", 16), body_part=_text(ds, "BodyPartExamined", 64),
+            series_description=_text(ds, "SeriesDescription", 64),
+            series_number=_int_or_none(ds, "SeriesNumber"),
+            accession_number=_text(ds, "AccessionNumber", 16) or None,
+        )
+    except InvalidInstance:
+        raise
+    except Exception as exc:  # pydicom raises many types on malformed elements
+        raise InvalidInstance(f"cannot decode dataset: {type(exc).__name__}") from exc
+
+
+def handle_store(event: Any, ctx: StoreContext) -> int:
+    """C-STORE: store durably, record, then answer. Returns a DIMSE status."""
+    assoc = event.assoc
+    calling = str(assoc.requestor.ae_title).strip()
+    req = event.request
+    try:
+        ensure_free_space(ctx.storage.dir, ctx.storage.min_free_mb)
+        try:
+            ds = event.dataset
+        except Exception as exc:
+            raise InvalidInstance(f"cannot decode dataset: {type(exc).__name__}") from exc
+        meta = read_meta(ds, str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID))
+        if instance_known(ctx.factory, meta.sop_uid):
+            log.info("duplicate instance sop=%s from %s: already stored", meta.sop_uid, calling)
+            return STATUS_SUCCESS
+        rel = instance_path(meta.study_uid, meta.series_uid, meta.sop_uid)
+        size = durable_write(ctx.storage.dir, rel, event.encoded_dataset(include_meta=True))
+        meta = InstanceMeta(**{**meta.__dict__, "transfer_syntax": str(event.context.transfer_syntax),
+                               "path": str(rel), "size": size, "calling_ae": calling})
+        if not record_instance(ctx.factory, meta, ctx.clock()):
+            log.info("duplicate instance sop=%s from %s: stored concurrently", meta.sop_uid, calling)
+        return STATUS_SUCCESS
+    except StorageFull as exc:
+        log.error("store refused sop=%s from %s: out of resources: %s",
+                  req.AffectedSOPInstanceUID, calling, exc)
+        return STATUS_OUT_OF_RESOURCES
+    except StorageError as exc:
+        log.error("store failed sop=%s from %s: %s", req.AffectedSOPInstanceUID, calling, exc)
+        return STATUS_OUT_OF_RESOURCES
+    except InvalidInstance as exc:
+        status = (STATUS_SOP_CLASS_MISMATCH if "SOP Class UID differs" in str(exc)
+                  else STATUS_CANNOT_UNDERSTAND)
+        log.warning("store rejected sop=%s from %s: %s (status 0x%04X)",
+                    req.AffectedSOPInstanceUID, calling, exc, status)
+        return status
+    except Exception as exc:  # the database or something unforeseen: never kill the association
+        log.exception("store failed sop=%s from %s: %s", req.AffectedSOPInstanceUID, calling,
+                      type(exc).__name__)
+        return STATUS_OUT_OF_RESOURCES
+
+
+def handle_echo(event: Any) -> int:
+    return STATUS_SUCCESS
+
+
+def handle_rejected(event: Any) -> None:
+    assoc = event.assoc
+    log.warning("association rejected from %s:%s calling AE %r", assoc.requestor.address,
+                assoc.requestor.port, str(assoc.requestor.ae_title).strip())
+
+
+def handle_accepted(event: Any) -> None:
+    r = event.assoc.requestor
+    log.info("association accepted from %s:%s calling AE %r", r.address, r.port,
+             str(r.ae_title).strip())
+
+
+def quiet_pynetdicom() -> None:
+    """Keep identifiers (patient names and IDs) out of pynetdicom's own log lines."""
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    _config.LOG_HANDLER_LEVEL = "none"
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def make_ae(dicom: DicomSettings) -> AE:
+    ae = AE(ae_title=dicom.ae_title)
+    ae.maximum_pdu_size = dicom.max_pdu
+    ae.maximum_associations = dicom.max_associations
+    ae.network_timeout = dicom.network_timeout
+    ae.require_called_aet = True
+    if dicom.allowed_calling_ae_titles:
+        ae.require_calling_aet = list(dicom.allowed_calling_ae_titles)
+    ae.add_supported_context(sc.Verification)
+    for sop_class in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+    return ae
+
+
+def start_scp(dicom: DicomSettings, ctx: StoreContext) -> ThreadedAssociationServer:
+    """Start listening on ``dicom.host:dicom.port`` in background threads."""
+    quiet_pynetdicom()
+    ctx.storage.dir.mkdir(parents=True, exist_ok=True)
+    ae = make_ae(dicom)
+    handlers = [
+        (evt.EVT_C_STORE, handle_store, [ctx]),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_REJECTED, handle_rejected),
+        (evt.EVT_ACCEPTED, handle_accepted),
+    ]
+    server = ae.start_server((dicom.host, dicom.port), block=False, evt_handlers=handlers)
+    log.info("SCP %s listening on %s:%d", dicom.ae_title, dicom.host, dicom.port)
+    return server

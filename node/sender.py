@@ -1,0 +1,153 @@
+"""Deliver the outbox: C-STORE each pending result to its destination, with retries.
+
+A success is recorded as soon as the destination acknowledges it, so nothing is
+sent twice after a restart; the one window (a crash between the acknowledgement
+and the commit) resends an object with the same SOP Instance UID, which the
+PACS overwrites.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom import sop_class as sc
+
+from db.queue import ResultRecord, SessionFactory, due_results, mark_send_failed, mark_sent
+from node.errors import SendError
+from node.settings import Destination, SendSettings, Settings
+
+log = logging.getLogger("ainode.sender")
+
+# Statuses that will not change by retrying: the destination refuses this object.
+PERMANENT_STATUSES = frozenset({0x0122, 0x0124, 0x0211, 0x0117})
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    ok: bool
+    message: str
+
+
+def backoff(attempts: int, send: SendSettings, rng: Callable[[], float] = random.random) -> float:
+    """Exponential backoff with jitter: base * 2^(attempts-1), capped, times 0.5-1.0."""
+    delay = min(send.backoff_base_seconds * 2 ** max(attempts - 1, 0), send.backoff_max_seconds)
+    return delay * (0.5 + 0.5 * rng())
+
+
+def _ae(calling: str, timeout: float) -> AE:
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    return ae
+
+
+def echo(dest: Destination, calling: str, timeout: float = 10.0) -> EchoResult:
+    """C-ECHO a destination."""
+    ae = _ae(dest.calling_ae_title or calling, timeout)
+    ae.add_requested_context(sc.Verification)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if not assoc.is_established:
+        return EchoResult(False, f"association with {dest.ae_title}@{dest.host}:{dest.port} "
+                                 "rejected, aborted or never connected")
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if status and status.Status == 0x0000:
+        return EchoResult(True, "C-ECHO success")
+    code = f"0x{status.Status:04X}" if status else "no response"
+    return EchoResult(False, f"C-ECHO failed: {code}")
+
+
+def _store(assoc: Any, path: str) -> None:
+    """C-STORE one file; raise :class:`SendError` unless the destination accepted it."""
+    try:
+        status = assoc.send_c_store(path)
+    except ValueError as exc:  # no accepted presentation context for this SOP class
+        raise SendError(f"destination did not accept the presentation context: {exc}",
+                        retryable=False) from exc
+    if not status or "Status" not in status:
+        raise SendError("no response to C-STORE (timeout or abort)")
+    code = int(status.Status)
+    if code == 0x0000 or code & 0xF000 == 0xB000:
+        return
+    raise SendError(f"C-STORE status 0x{code:04X}", retryable=code not in PERMANENT_STATUSES)
+
+
+def deliver(dest: Destination, calling: str, results: Sequence[ResultRecord], root: str,
+            timeout: float, on_sent: Callable[[ResultRecord], None],
+            on_failed: Callable[[ResultRecord, SendError], None]) -> None:
+    """Send ``results`` to one destination over one association."""
+    ae = _ae(dest.calling_ae_title or calling, timeout)
+    for sop_class in sorted({r.sop_class_uid for r in results}):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if not assoc.is_established:
+        error = SendError(f"cannot associate with {dest.ae_title}@{dest.host}:{dest.port}")
+        for result in results:
+            on_failed(result, error)
+        return
+    try:
+        for result in results:
+            if not assoc.is_established:
+                on_failed(result, SendError("association lost before this object was sent"))
+                continue
+            try:
+                _store(assoc, f"{root}/{result.path}")
+            except SendError as exc:
+                on_failed(result, exc)
+            else:
+                on_sent(result)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def send_due(settings: Settings, factory: SessionFactory, clock: Callable[[], datetime]) -> int:
+    """Send every due result; return how many were acknowledged."""
+    pending = due_results(factory, clock())
+    if not pending:
+        return 0
+    by_dest: dict[str, list[ResultRecord]] = defaultdict(list)
+    for result in pending:
+        by_dest[result.destination].append(result)
+    sent = 0
+
+    def on_sent(result: ResultRecord) -> None:
+        nonlocal sent
+        mark_sent(factory, result.id, clock())
+        sent += 1
+        log.info("result %d (%s sop=%s) acknowledged by %s", result.id, result.kind,
+                 result.sop_instance_uid, result.destination)
+
+    def on_failed(result: ResultRecord, exc: SendError) -> None:
+        now = clock()
+        retry_at = (now + timedelta(seconds=backoff(result.attempts + 1, settings.send))
+                    if exc.retryable else None)
+        status = mark_send_failed(factory, result.id, now, str(exc), retry_at=retry_at,
+                                  max_attempts=settings.send.max_attempts)
+        log.warning("result %d (%s sop=%s) to %s failed (attempt %d): %s; now %s",
+                    result.id, result.kind, result.sop_instance_uid, result.destination,
+                    result.attempts + 1, exc, status.value)
+
+    for name, results in by_dest.items():
+        try:
+            dest = settings.destination(name)
+        except KeyError:
+            for result in results:
+                on_failed(result, SendError(f"destination {name!r} is not configured",
+                                            retryable=False))
+            continue
+        deliver(dest, settings.dicom.ae_title, results, str(settings.storage.dir),
+                settings.send.timeout_seconds, on_sent, on_failed)
+    return sent

@@ -1,0 +1,112 @@
+"""``ainode serve``: the receiver, the scheduler and the supervised worker processes."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from sqlalchemy import Engine
+
+from db.engine import make_engine, make_session_factory
+from db.migrate import upgrade
+from node.clock import utcnow
+from node.scheduler import make_scheduler
+from node.scp import StoreContext, start_scp
+from node.settings import Settings
+from node.storage import remove_temp_files
+
+log = logging.getLogger("ainode.serve")
+
+
+@dataclass
+class WorkerPool:
+    """``count`` worker processes (``ainode worker``), restarted when one dies."""
+
+    count: int
+    config_path: Path | None
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    stopping: bool = False
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "node.cli", "worker"]
+        if self.config_path is not None:
+            cmd += ["--config", str(self.config_path)]
+        proc = subprocess.Popen(cmd)
+        log.info("started worker process pid %d", proc.pid)
+        return proc
+
+    def start(self) -> None:
+        self.procs = [self._spawn() for _ in range(self.count)]
+
+    def supervise(self) -> None:
+        """Restart workers that exited while the node is running."""
+        if self.stopping:
+            return
+        for i, proc in enumerate(self.procs):
+            code = proc.poll()
+            if code is not None:
+                log.error("worker pid %d exited with %d: restarting it", proc.pid, code)
+                self.procs[i] = self._spawn()
+
+    def stop(self, timeout: float) -> None:
+        """SIGTERM every worker (each finishes its job in hand), then kill what is left."""
+        self.stopping = True
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.error("worker pid %d did not stop in %.0f s: killing it", proc.pid, timeout)
+                proc.kill()
+                proc.wait()
+
+
+def prepare(settings: Settings) -> Engine:
+    """Create the storage folder, migrate the database and clean interrupted writes."""
+    settings.storage.dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database.url)
+    removed = remove_temp_files(settings.storage.dir)
+    if removed:
+        log.info("removed %d temp file(s) of interrupted writes", removed)
+    return make_engine(settings.database.url)
+
+
+def serve(settings: Settings, config_path: Path | None, stop_timeout: float = 60.0) -> int:
+    """Run the node until SIGTERM or SIGINT; return the exit code."""
+    engine = prepare(settings)
+    factory = make_session_factory(engine)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    server = start_scp(settings.dicom, StoreContext(settings.storage, factory, utcnow))
+    scheduler = make_scheduler(settings, factory, utcnow)
+    pool = WorkerPool(settings.workers.count, config_path)
+    scheduler.add_job(pool.supervise, "interval", seconds=2, id="supervise-workers")
+    pool.start()
+    scheduler.start()
+    log.info("ainode serving: AE %s on port %d, %d worker(s), %d route(s), %d destination(s)",
+             settings.dicom.ae_title, settings.dicom.port, settings.workers.count,
+             len(settings.routes), len(settings.destinations))
+    try:
+        stop.wait()
+    finally:
+        server.shutdown()
+        pool.stop(stop_timeout)
+        scheduler.shutdown(wait=True)
+        engine.dispose()
+        log.info("ainode stopped")
+    return 0

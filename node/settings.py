@@ -1,0 +1,191 @@
+"""The one typed settings object, loaded from a TOML file and validated by pydantic."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydicom.datadict import tag_for_keyword
+
+from node.errors import ConfigError
+
+CONFIG_ENV = "AINODE_CONFIG"
+AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]+$")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+MatchValue = str | list[str]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DicomSettings(_Section):
+    ae_title: AETitle = "AINODE"
+    host: str = "0.0.0.0"
+    port: Port = 11112
+    allowed_calling_ae_titles: list[AETitle] = []
+    max_pdu: Annotated[int, Field(ge=0)] = 0
+    """Maximum PDU size we accept; 0 means unlimited (fastest for large instances)."""
+    max_associations: Annotated[int, Field(ge=1)] = 32
+    network_timeout: Annotated[float, Field(gt=0)] = 60.0
+
+
+class StorageSettings(_Section):
+    dir: Path = Path("var")
+    min_free_mb: Annotated[int, Field(ge=0)] = 500
+    """Below this much free space the SCP answers Out of Resources (0xA700) before writing."""
+
+
+class DatabaseSettings(_Section):
+    url: str = "sqlite:///var/ainode.db"
+
+
+class StudySettings(_Section):
+    stable_seconds: Annotated[float, Field(ge=0)] = 60.0
+    stable_seconds_by_modality: dict[str, Annotated[float, Field(ge=0)]] = {"CR": 5.0, "DX": 5.0}
+    """A study whose series all have one of these modalities uses the largest of their values."""
+    check_interval_seconds: Annotated[float, Field(gt=0)] = 1.0
+
+
+class WorkerSettings(_Section):
+    count: Annotated[int, Field(ge=0)] = 1
+    device: str = "auto"
+    lease_seconds: Annotated[float, Field(gt=0)] = 120.0
+    heartbeat_seconds: Annotated[float, Field(gt=0)] = 10.0
+    poll_seconds: Annotated[float, Field(gt=0)] = 0.5
+    max_attempts: Annotated[int, Field(ge=1)] = 3
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @model_validator(mode="after")
+    def _heartbeat_below_lease(self) -> WorkerSettings:
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise ValueError("heartbeat_seconds must be shorter than lease_seconds")
+        return self
+
+
+class AdminSettings(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+
+
+class SendSettings(_Section):
+    max_attempts: Annotated[int, Field(ge=1)] = 10
+    backoff_base_seconds: Annotated[float, Field(gt=0)] = 5.0
+    backoff_max_seconds: Annotated[float, Field(gt=0)] = 600.0
+    interval_seconds: Annotated[float, Field(gt=0)] = 1.0
+    timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Destination(_Section):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    ae_title: AETitle
+    host: str
+    port: Port
+    calling_ae_title: AETitle | None = None
+    """The AE title we call from; defaults to dicom.ae_title."""
+
+
+class Route(_Section):
+    name: Annotated[str, Field(min_length=1)]
+    match: dict[str, MatchValue] = {}
+    models: Annotated[list[str], Field(min_length=1)]
+    destinations: list[str] = []
+
+    @field_validator("match")
+    @classmethod
+    def _keywords(cls, value: dict[str, MatchValue]) -> dict[str, MatchValue]:
+        for keyword, expected in value.items():
+            if tag_for_keyword(keyword) is None:
+                raise ValueError(f"{keyword!r} is not a DICOM keyword")
+            for item in expected if isinstance(expected, list) else [expected]:
+                if item.startswith("re:"):
+                    try:
+                        re.compile(item[3:])
+                    except re.error as exc:
+                        raise ValueError(f"{keyword}: bad regular expression: {exc}") from exc
+        return value
+
+
+class Settings(_Section):
+    dicom: DicomSettings = DicomSettings()
+    storage: StorageSettings = StorageSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    study: StudySettings = StudySettings()
+    workers: WorkerSettings = WorkerSettings()
+    admin: AdminSettings = AdminSettings()
+    send: SendSettings = SendSettings()
+    logging: LoggingSettings = LoggingSettings()
+    destinations: list[Destination] = []
+    routes: list[Route] = []
+
+    @model_validator(mode="after")
+    def _references(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        if len(names) != len(set(names)):
+            raise ValueError("destinations: names must be unique")
+        for i, route in enumerate(self.routes):
+            for dest in route.destinations:
+                if dest not in names:
+                    raise ValueError(f"routes[{i}].destinations: unknown destination {dest!r}")
+        return self
+
+    def destination(self, name: str) -> Destination:
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise KeyError(name)
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"{key}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def parse_settings(text: str, source: str = "<string>") -> Settings:
+    """Parse TOML text into :class:`Settings`, raising :class:`ConfigError` naming the bad key."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_format_errors(exc)}") from exc
+
+
+def default_config_text() -> str:
+    """The embedded default configuration (``node/default_config.toml``)."""
+    return resources.files("node").joinpath("default_config.toml").read_text(encoding="utf-8")
+
+
+def load_settings(path: Path | str | None = None) -> Settings:
+    """Load settings from ``path``, else ``$AINODE_CONFIG``, else the embedded default."""
+    if path is None:
+        env = os.environ.get(CONFIG_ENV)
+        path = Path(env) if env else None
+    if path is None:
+        return parse_settings(default_config_text(), "embedded default config")
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    return parse_settings(text, str(path))

@@ -1,0 +1,166 @@
+"""The inference worker: claims jobs, runs models, writes results into the outbox.
+
+Runs as its own process (``ainode worker``). Each model is loaded once per
+worker. A claimed job holds a lease that a heartbeat thread extends; if the
+worker dies the lease expires and the scheduler queues the job again. Results
+get UIDs derived from the job's seed, so a re-run produces the same objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from pydicom import Dataset, dcmread
+from pydicom.filebase import DicomBytesIO
+
+import node
+from db.queue import (
+    JobRecord,
+    ResultSpec,
+    SessionFactory,
+    claim_job,
+    complete_job,
+    fail_job,
+    heartbeat,
+    series_instance_paths,
+    skip_job,
+)
+from models.base import Model, ModelError, UnsupportedInput
+from models.registry import ModelFactory, UnknownModel, create
+from node.results import ResultContext, build_seg, build_sr
+from node.settings import Settings
+from node.storage import durable_write, result_path
+from node.volume import build_volume
+
+log = logging.getLogger("ainode.worker")
+
+
+def resolve_device(requested: str) -> str:
+    """Map ``auto`` to ``cuda`` when a GPU is usable, else ``cpu``; check explicit CUDA requests."""
+    import torch
+
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        log.info("no CUDA device available: running models on the CPU")
+        return "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("device %s requested but CUDA is not available: falling back to the CPU",
+                    requested)
+        return "cpu"
+    return requested
+
+
+def encode(ds: Dataset) -> bytes:
+    """A DICOM file (preamble, file meta, dataset) as bytes."""
+    buf = DicomBytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@dataclass
+class Worker:
+    settings: Settings
+    factory: SessionFactory
+    registry: dict[str, ModelFactory]
+    clock: Callable[[], datetime]
+    owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    device: str = "cpu"
+    _models: dict[str, Model] = field(default_factory=dict)
+
+    def model(self, name: str) -> Model:
+        """The loaded model, loading it on first use."""
+        if name not in self._models:
+            model = create(name, self.registry)
+            started = time.monotonic()
+            model.load(self.device)
+            log.info("loaded model %s %s on %s in %.1f s", name, model.algorithm_version,
+                     self.device, time.monotonic() - started)
+            self._models[name] = model
+        return self._models[name]
+
+    def run(self, stop: threading.Event) -> None:
+        """Claim and process jobs until ``stop`` is set; the job in hand is finished first."""
+        log.info("worker %s started on %s", self.owner, self.device)
+        while not stop.is_set():
+            job = claim_job(self.factory, self.owner, self.clock(),
+                            self.settings.workers.lease_seconds)
+            if job is None:
+                stop.wait(self.settings.workers.poll_seconds)
+                continue
+            self.process(job)
+        log.info("worker %s stopped", self.owner)
+
+    def process(self, job: JobRecord) -> None:
+        """Run one claimed job to an outcome: done, skipped, requeued or failed."""
+        log.info("job %d: %s on series %s (attempt %d/%d)", job.id, job.model, job.series_uid,
+                 job.attempts, job.max_attempts)
+        beating = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job, beating), daemon=True)
+        beat.start()
+        try:
+            results, seconds = self._execute(job)
+        except UnsupportedInput as exc:
+            log.info("job %d skipped: %s", job.id, exc)
+            skip_job(self.factory, job.id, self.owner, self.clock(), str(exc))
+            return
+        except (ModelError, UnknownModel) as exc:
+            reason = f"unknown model {exc}" if isinstance(exc, UnknownModel) else str(exc)
+            log.error("job %d failed: %s", job.id, reason)
+            fail_job(self.factory, job.id, self.owner, self.clock(), reason, retry=False)
+            return
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            status = fail_job(self.factory, job.id, self.owner, self.clock(), reason, retry=True)
+            log.exception("job %d error (now %s)", job.id, status.value if status else "not ours")
+            return
+        finally:
+            beating.set()
+            beat.join()
+        if complete_job(self.factory, job.id, self.owner, self.clock(), results, seconds):
+            log.info("job %d done in %.2f s inference: %d object(s) for %s", job.id, seconds,
+                     len(results), ",".join(job.destinations) or "no destination")
+        else:
+            log.warning("job %d: lease lost before completion; its new run will deliver", job.id)
+
+    def _heartbeat(self, job: JobRecord, done: threading.Event) -> None:
+        """Extend the lease until ``done``; stop when the job is no longer ours."""
+        interval = self.settings.workers.heartbeat_seconds
+        while not done.wait(interval):
+            if not heartbeat(self.factory, job.id, self.owner, self.clock(),
+                             self.settings.workers.lease_seconds):
+                log.warning("job %d: lease lost while running", job.id)
+                return
+
+    def _execute(self, job: JobRecord) -> tuple[list[ResultSpec], float]:
+        model = self.model(job.model)
+        root = self.settings.storage.dir
+        paths = series_instance_paths(self.factory, job.series_id)
+        datasets = [dcmread(root / p) for p in paths]
+        series = build_volume(datasets)
+        model.check_input(series.volume)
+        started = time.monotonic()
+        prediction = model.predict(series.volume)
+        seconds = time.monotonic() - started
+        ctx = ResultContext(
+            model_name=model.name, model_version=model.algorithm_version,
+            software_version=node.__version__, uid_seed=job.uid_seed,
+        )
+        seg = build_seg(series.sources, prediction, ctx)
+        sr = build_sr(series.sources, prediction, ctx, seg)
+        specs = []
+        for kind, ds in (("SEG", seg), ("SR", sr)):
+            if ds is None:
+                continue
+            rel = result_path(job.id, kind, str(ds.SOPInstanceUID))
+            durable_write(root, rel, encode(ds))
+            specs.append(ResultSpec(kind=kind, sop_class_uid=str(ds.SOPClassUID),
+                                    sop_instance_uid=str(ds.SOPInstanceUID), path=str(rel)))
+        return specs, seconds

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import pydicom
+import pydicom.config
 from pydicom import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -24,7 +26,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
-    JPEGLosslessP14,
+    JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
@@ -70,7 +72,7 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
     ExplicitVRBigEndian,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
-    JPEGLosslessP14,
+    JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
@@ -185,7 +187,12 @@ def handle_accepted(event: Any) -> None:
 
 
 def quiet_pynetdicom() -> None:
-    """Keep identifiers (patient names and IDs) out of pynetdicom's own log lines."""
+    """Keep identifiers (patient names and IDs) out of pynetdicom's own log lines.
+
+    Also read values leniently: a malformed value in an element the node does not
+    use must not turn a valid instance away (what is used is checked explicitly).
+    """
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.LOG_HANDLER_LEVEL = "none"

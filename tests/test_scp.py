@@ -1,0 +1,146 @@
+"""The receiver against real dcmtk senders, on a real SQLite file and a temp folder."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.schema import Instance
+from node.clock import utcnow
+from node.scp import StoreContext, start_scp
+from node.settings import DicomSettings, StorageSettings
+from tests.peers import CHEST_CT, SAMPLES, echoscu, free_port, storescu
+
+Factory = sessionmaker[Session]
+
+
+def serve(tmp_path: Path, factory: Factory, **dicom: object) -> tuple[int, StorageSettings,
+                                                                      ThreadedAssociationServer]:
+    port = free_port()
+    storage = StorageSettings(dir=tmp_path / "store", min_free_mb=int(dicom.pop("min_free", 1)))
+    settings = DicomSettings(host="127.0.0.1", port=port, **dicom)  # type: ignore[arg-type]
+    server = start_scp(settings, StoreContext(storage, factory, utcnow))
+    return port, storage, server
+
+
+@pytest.fixture
+def scp(tmp_path: Path, factory: Factory) -> Iterator[tuple[int, StorageSettings]]:
+    port, storage, server = serve(tmp_path, factory)
+    yield port, storage
+    server.shutdown()
+
+
+def count(factory: Factory) -> int:
+    with factory() as s:
+        return int(s.scalar(select(func.count()).select_from(Instance)) or 0)
+
+
+def test_stores_series_durably_as_received(scp: tuple[int, StorageSettings],
+                                          factory: Factory) -> None:
+    port, storage = scp
+    files = sorted(CHEST_CT.glob("*.dcm"))[:5]
+    out = storescu(port, files)
+    assert out.returncode == 0, out.stderr
+    assert count(factory) == 5
+    with factory() as s:
+        rows = s.scalars(select(Instance)).all()
+    for row in rows:
+        stored = pydicom.dcmread(storage.dir / row.path)
+        source = next(f for f in files
+                      if pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID == row.sop_uid)
+        original = pydicom.dcmread(source)
+        assert stored.file_meta.MediaStorageSOPInstanceUID == row.sop_uid
+        assert stored.PixelData == original.PixelData  # not decoded nor re-encoded
+    assert not list(storage.dir.rglob("*.tmp"))
+
+
+def test_duplicate_is_accepted_and_stored_once(scp: tuple[int, StorageSettings],
+                                               factory: Factory) -> None:
+    port, storage = scp
+    one = sorted(CHEST_CT.glob("*.dcm"))[0]
+    assert storescu(port, one).returncode == 0
+    assert storescu(port, one).returncode == 0
+    assert count(factory) == 1
+    assert len(list(storage.dir.rglob("*.dcm"))) == 1
+
+
+@pytest.mark.parametrize(("path", "option"), [
+    ("chest-xray/RG1_J2KI.dcm", "-xw"),  # JPEG 2000 (lossy)
+    ("chest-xray/RG1_JLSN.dcm", "-xu"),  # JPEG-LS near-lossless
+    ("chest-xray/DX_chest_PA_Canon_966_fixed.dcm", "-xv"),  # JPEG 2000 lossless
+    ("compressed-misc/RG2_JPLL.dcm", "-xs"),  # JPEG lossless SV1
+    ("compressed-misc/CT1_JLSN.dcm", "-xu"),
+    ("multiframe/eCT_Supplemental.dcm", "-xe"),  # enhanced CT, explicit VR LE
+])
+def test_compressed_transfer_syntaxes_are_stored_as_received(
+        scp: tuple[int, StorageSettings], factory: Factory, path: str, option: str) -> None:
+    port, storage = scp
+    source = SAMPLES / path
+    out = storescu(port, source, extra=(option,))
+    assert out.returncode == 0, out.stderr
+    assert count(factory) == 1
+    stored = pydicom.dcmread(next(storage.dir.rglob("*.dcm")))
+    original = pydicom.dcmread(source)
+    assert stored.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+    assert stored.PixelData == original.PixelData
+
+
+def test_unknown_calling_ae_is_rejected(tmp_path: Path, factory: Factory,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    port, _, server = serve(tmp_path, factory, allowed_calling_ae_titles=["PACS"])
+    try:
+        with caplog.at_level(logging.WARNING, logger="ainode.scp"):
+            assert echoscu(port, aet="INTRUDER") != 0
+            assert echoscu(port, aet="PACS") == 0
+        assert any("association rejected" in r.getMessage() and "INTRUDER" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        server.shutdown()
+
+
+def test_corrupt_file_gets_a_failure_status_and_node_keeps_running(
+        scp: tuple[int, StorageSettings], factory: Factory, tmp_path: Path) -> None:
+    port, storage = scp
+    bad = tmp_path / "bad.dcm"
+    ds = pydicom.dcmread(sorted(CHEST_CT.glob("*.dcm"))[0])
+    del ds.StudyInstanceUID  # an instance the node cannot file
+    ds.save_as(bad)
+    out = storescu(port, bad)
+    assert "cannotunderstand" in (out.stdout + out.stderr).lower()  # 0xC210
+    assert count(factory) == 0
+    assert echoscu(port) == 0
+    assert storescu(port, sorted(CHEST_CT.glob("*.dcm"))[1]).returncode == 0
+    assert count(factory) == 1
+
+
+def test_path_escaping_uid_is_refused(scp: tuple[int, StorageSettings], factory: Factory,
+                                      tmp_path: Path) -> None:
+    port, storage = scp
+    bad = tmp_path / "escape.dcm"
+    ds = pydicom.dcmread(sorted(CHEST_CT.glob("*.dcm"))[0])
+    ds.SeriesInstanceUID = "../../../../tmp/evil"
+    ds.save_as(bad)
+    out = storescu(port, bad)
+    assert "cannotunderstand" in (out.stdout + out.stderr).lower()  # 0xC210
+    assert count(factory) == 0
+    assert not (tmp_path / "tmp").exists()
+
+
+def test_full_disk_answers_out_of_resources(tmp_path: Path, factory: Factory) -> None:
+    free_mb = shutil.disk_usage(tmp_path).free // (1024 * 1024)
+    port, storage, server = serve(tmp_path, factory, min_free=free_mb + 1024 * 1024)
+    try:
+        out = storescu(port, sorted(CHEST_CT.glob("*.dcm"))[0])
+        assert "outofresources" in (out.stdout + out.stderr).lower()  # 0xA700
+        assert count(factory) == 0
+        assert not list(storage.dir.rglob("*.dcm"))
+    finally:
+        server.shutdown()

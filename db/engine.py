@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,11 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 def _sqlite_begin(conn: Any) -> None:
-    # Every transaction takes the write lock up front: read-then-write transactions
-    # (claims, the stability sweep) cannot interleave with another writer.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # A transaction takes the write lock up front, so read-then-write transactions
+    # (claims, the stability sweep) cannot interleave with another writer. Sessions
+    # opened with :func:`reading` only read and begin DEFERRED (no lock; WAL snapshot).
+    mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+    conn.exec_driver_sql(f"BEGIN {mode}")
 
 
 def is_sqlite(url: str) -> bool:
@@ -49,3 +53,11 @@ def make_engine(url: str) -> Engine:
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def reading(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A read-only session: on SQLite it takes no write lock."""
+    with factory() as session:
+        session.connection(execution_options={"sqlite_begin": "DEFERRED"})
+        yield session

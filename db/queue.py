@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.engine import reading
 from db.schema import Instance, Job, JobStatus, Result, ResultStatus, Series, Study
 
 SessionFactory = sessionmaker[Session]
@@ -145,7 +146,7 @@ def record_instance(factory: SessionFactory, meta: InstanceMeta, now: datetime) 
 
 
 def instance_known(factory: SessionFactory, sop_uid: str) -> bool:
-    with factory() as s:
+    with reading(factory) as s:
         return s.scalar(select(Instance.id).where(Instance.sop_uid == sop_uid)) is not None
 
 
@@ -162,40 +163,48 @@ def dispatch_stable_studies(
     """Complete every study quiet for long enough and queue its jobs.
 
     ``stable_seconds(modalities)`` gives the quiet period of a study from the
-    modalities of its series; ``plan(series)`` evaluates the routes. Each study is
-    completed in its own transaction. Returns the ids of the jobs created.
+    modalities of its series; ``plan(series)`` evaluates the routes (it may read
+    files, so it runs outside any write transaction). Each study is then completed
+    in its own transaction, unless an instance arrived meanwhile. Returns the ids
+    of the jobs created.
     """
-    with factory() as s:
-        candidates = s.execute(
-            select(Study.id, Study.last_received_at)
+    with reading(factory) as s:
+        studies = s.scalars(
+            select(Study)
             .where(Study.id.in_(select(Series.study_id).where(Series.pending.is_(True))))
         ).all()
-    created: list[int] = []
-    for study_id, last in candidates:
-        with factory.begin() as s:
-            study = s.get(Study, study_id)
-            if study is None:
-                continue
-            series_rows = s.scalars(select(Series).where(Series.study_id == study_id)).all()
-            quiet = stable_seconds([row.modality for row in series_rows])
+        work: list[tuple[int, datetime, list[tuple[SeriesInfo, list[JobPlan]]]]] = []
+        for study in studies:
+            rows = s.scalars(select(Series).where(Series.study_id == study.id)).all()
+            quiet = stable_seconds([row.modality for row in rows])
             if study.last_received_at > now - timedelta(seconds=quiet):
                 continue
-            pending = [row for row in series_rows if row.pending]
-            if not pending:
-                continue
+            series = [SeriesInfo(id=row.id, study_id=study.id, series_uid=row.series_uid,
+                                 modality=row.modality, sop_class_uid=row.sop_class_uid,
+                                 body_part=row.body_part,
+                                 series_description=row.series_description, run=row.runs + 1)
+                      for row in rows if row.pending]
+            work.append((study.id, study.last_received_at, [(info, []) for info in series]))
+    for _, _, items in work:
+        for info, plans in items:
+            plans.extend(plan(info))
+    created: list[int] = []
+    for study_id, last_received, items in work:
+        with factory.begin() as s:
+            study = s.get(Study, study_id)
+            if study is None or study.last_received_at != last_received:
+                continue  # an instance arrived since: not quiet any more
             study.completed_at = now
             study.runs += 1
-            for row in pending:
+            for info, plans in items:
+                row = s.get(Series, info.id)
+                assert row is not None
                 row.pending = False
-                row.runs += 1
-                info = SeriesInfo(id=row.id, study_id=study_id, series_uid=row.series_uid,
-                                  modality=row.modality, sop_class_uid=row.sop_class_uid,
-                                  body_part=row.body_part,
-                                  series_description=row.series_description, run=row.runs)
-                for job_plan in plan(info):
+                row.runs = info.run
+                for job_plan in plans:
                     job = Job(series_id=row.id, study_id=study_id, model=job_plan.model,
                               route=job_plan.route, destinations=",".join(job_plan.destinations),
-                              run=row.runs, uid_seed=uuid.uuid4().hex, status=JobStatus.QUEUED,
+                              run=info.run, uid_seed=uuid.uuid4().hex, status=JobStatus.QUEUED,
                               attempts=0, max_attempts=max_attempts, created_at=now)
                     s.add(job)
                     s.flush()
@@ -220,7 +229,7 @@ def _job_record(s: Session, job: Job) -> JobRecord:
 
 
 def get_job(factory: SessionFactory, job_id: int) -> JobRecord | None:
-    with factory() as s:
+    with reading(factory) as s:
         job = s.get(Job, job_id)
         return None if job is None else _job_record(s, job)
 
@@ -362,7 +371,7 @@ def requeue_expired(factory: SessionFactory, now: datetime) -> list[int]:
 
 
 def series_instance_paths(factory: SessionFactory, series_id: int) -> list[str]:
-    with factory() as s:
+    with reading(factory) as s:
         return list(s.scalars(
             select(Instance.path).where(Instance.series_id == series_id).order_by(Instance.id)
         ))
@@ -378,7 +387,7 @@ def _result_record(r: Result) -> ResultRecord:
 
 
 def due_results(factory: SessionFactory, now: datetime, limit: int = 100) -> list[ResultRecord]:
-    with factory() as s:
+    with reading(factory) as s:
         rows = s.scalars(
             select(Result)
             .where(and_(Result.status == ResultStatus.PENDING, Result.next_attempt_at <= now))
@@ -410,13 +419,13 @@ def mark_send_failed(factory: SessionFactory, result_id: int, now: datetime, err
 
 
 def count_jobs(factory: SessionFactory) -> dict[str, int]:
-    with factory() as s:
+    with reading(factory) as s:
         rows = s.execute(select(Job.status, func.count()).group_by(Job.status)).all()
         return {status.value: n for status, n in rows}
 
 
 def first_instance_path(factory: SessionFactory, series_id: int) -> str | None:
-    with factory() as s:
+    with reading(factory) as s:
         return s.scalar(
             select(Instance.path).where(Instance.series_id == series_id)
             .order_by(Instance.id).limit(1)

@@ -150,11 +150,13 @@ class Worker:
         prediction = model.predict(series.volume)
         seconds = time.monotonic() - started
         ctx = ResultContext(
-            model_name=model.name, model_version=model.algorithm_version,
-            software_version=node.__version__, uid_seed=job.uid_seed,
+            model_name=model.name, model_version=model.version,
+            algorithm_version=model.algorithm_version, software_version=node.__version__,
+            uid_seed=job.uid_seed,
         )
         seg = build_seg(series.sources, prediction, ctx)
-        sr = build_sr(series.sources, prediction, ctx, seg)
+        has_content = prediction.segments or prediction.measurements or prediction.findings
+        sr = build_sr(series.sources, prediction, ctx, seg) if has_content else None
         specs = []
         for kind, ds in (("SEG", seg), ("SR", sr)):
             if ds is None:

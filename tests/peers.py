@@ -211,10 +211,10 @@ class NodeProcess:
 def ainode(*args: str, log_path: Path, env: dict[str, str] | None = None
            ) -> subprocess.Popen[bytes]:
     """Start ``ainode ARGS`` (the installed console script's module) with its log in a file."""
-    handle = log_path.open("ab")
-    return subprocess.Popen([sys.executable, "-m", "node.cli", *args], stdout=handle,
-                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                            cwd=ROOT, start_new_session=True)
+    with log_path.open("ab") as handle:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "node.cli", *args], stdout=handle,
+                                stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                cwd=ROOT, start_new_session=True)
 
 
 def start_node(config: Path, port: int, log_path: Path) -> NodeProcess:

@@ -1,0 +1,300 @@
+"""What every DICOM result object needs: algorithm identity, deterministic UIDs, source headers.
+
+UIDs are derived from a seed (``ResultContext.uid_seed``, e.g. the job id or the
+source series UID plus the model name) with a SHA-512 hash, so that re-running a
+job after a crash yields the same Series and SOP Instance UIDs and the PACS
+overwrites the earlier object instead of storing a duplicate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import enum
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from highdicom.sr import CodedConcept
+from pydicom import config
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.uid import PYDICOM_ROOT_UID, UID, generate_uid
+from pydicom.valuerep import validate_value
+
+from models.base import Code
+
+#: Root of every UID this package derives; a hospital may pass its own root instead.
+DEFAULT_UID_PREFIX: str = PYDICOM_ROOT_UID
+
+#: Longest prefix ``pydicom.uid.generate_uid`` accepts (it appends at least 10 digits).
+_MAX_UID_PREFIX_LENGTH = 54
+
+#: Longest value of a DICOM LO (Long String) element.
+_LO_MAX = 64
+
+#: Largest value of a DICOM IS (Integer String) element.
+_IS_MAX = 2**31 - 1
+
+#: Pixel data elements, dropped from the header copies given to highdicom.
+_BULK_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+#: Type 2 patient/study attributes highdicom reads with attribute access (they must exist).
+_TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+#: General Study attributes outside the patient groups (0010, 0012) that derived objects copy.
+_STUDY_KEYWORDS = (
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "ConsultingPhysicianName",
+    "StudyDescription",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "StudyID",
+    "RequestingService",
+)
+
+#: Patient's Sex enumerated values (PS3.3 C.7.1.1).
+_PATIENT_SEX_VALUES = ("M", "F", "O")
+
+
+class ResultKind(enum.StrEnum):
+    """The kinds of result object the node writes; the value is the DICOM Modality."""
+
+    SEG = "SEG"
+    SR = "SR"
+
+    @property
+    def series_offset(self) -> int:
+        """Offset added to ``ResultContext.series_number_base`` for this kind's series."""
+        return 1 if self is ResultKind.SEG else 2
+
+
+def derive_uid(prefix: str, *parts: str) -> UID:
+    """Return a UID under ``prefix`` that depends only on ``parts`` (deterministic).
+
+    Each part is length-prefixed before hashing, so ("ab", "c") and ("a", "bc")
+    give different UIDs (``generate_uid`` joins its entropy sources without a
+    separator).
+    """
+    if not parts or any(not isinstance(part, str) for part in parts):
+        raise ValueError("derive_uid needs at least one str part")
+    if not prefix.endswith(".") or len(prefix) > _MAX_UID_PREFIX_LENGTH:
+        raise ValueError(
+            f"UID prefix must end with '.' and have at most {_MAX_UID_PREFIX_LENGTH} "
+            f"characters, got {prefix!r}"
+        )
+    return generate_uid(prefix=prefix, entropy_srcs=[f"{len(p)}:{p}" for p in parts])
+
+
+def result_uids(
+    seed: str, kind: ResultKind | str, prefix: str = DEFAULT_UID_PREFIX
+) -> tuple[UID, UID]:
+    """Return ``(series_instance_uid, sop_instance_uid)`` for the result ``kind`` of ``seed``.
+
+    The same seed and kind always give the same pair; another seed or kind gives
+    another pair.
+    """
+    if not seed:
+        raise ValueError("uid seed must not be empty")
+    kind = ResultKind(kind)
+    series_uid = derive_uid(prefix, "ainode-result", seed, kind.value, "series")
+    sop_uid = derive_uid(prefix, "ainode-result", seed, kind.value, "instance")
+    return series_uid, sop_uid
+
+
+def series_description(model_name: str, version: str, kind: ResultKind | str) -> str:
+    """Return e.g. ``"AI ct-lung 1.0.0 SEG"``, cut to the 64 characters a LO allows."""
+    if not model_name.strip() or not version.strip():
+        raise ValueError("model name and version must not be empty")
+    kind = ResultKind(kind)
+    text = f"AI {model_name.strip()} {version.strip()}"
+    suffix = f" {kind.value}"
+    return text[: _LO_MAX - len(suffix)] + suffix
+
+
+def _check_lo(name: str, value: str, *, required: bool = True) -> None:
+    if required and not value.strip():
+        raise ValueError(f"{name} must not be empty")
+    if len(value) > _LO_MAX or "\\" in value:
+        raise ValueError(f"{name} must be at most {_LO_MAX} characters without '\\': {value!r}")
+
+
+@dataclass(frozen=True)
+class ResultContext:
+    """What every result object of one job needs besides the sources and the prediction.
+
+    ``model_version`` goes into series descriptions; ``algorithm_version`` (for
+    example the version plus a weights hash, ``Model.algorithm_version``) into the
+    algorithm identification and defaults to ``model_version``. ``uid_seed``
+    determines the result UIDs (see :func:`result_uids`); use something stable for
+    the job, such as the source series UID plus the model name.
+    """
+
+    model_name: str
+    model_version: str
+    software_version: str
+    uid_seed: str
+    algorithm_version: str = ""
+    manufacturer: str = "ainode"
+    device_serial_number: str = "ainode"
+    series_number_base: int = 900
+    uid_prefix: str = DEFAULT_UID_PREFIX
+    procedure: Code | None = None
+
+    def __post_init__(self) -> None:
+        _check_lo("model_name", self.model_name)
+        _check_lo("model_version", self.model_version)
+        _check_lo("software_version", self.software_version)
+        _check_lo("algorithm_version", self.algorithm_version, required=False)
+        _check_lo("manufacturer", self.manufacturer)
+        _check_lo("device_serial_number", self.device_serial_number)
+        _check_lo("device model name", f"{self.model_name} {self.model_version}")
+        if not self.uid_seed:
+            raise ValueError("uid_seed must not be empty")
+        max_offset = max(kind.series_offset for kind in ResultKind)
+        if not 0 <= self.series_number_base <= _IS_MAX - max_offset:
+            raise ValueError(f"series_number_base out of range: {self.series_number_base}")
+        # Fails early on a bad prefix instead of in the middle of a build.
+        derive_uid(self.uid_prefix, "check")
+
+    @property
+    def algorithm_id_version(self) -> str:
+        """The version written into algorithm identifications."""
+        return self.algorithm_version or self.model_version
+
+    @property
+    def device_model_name(self) -> str:
+        """Model name of the device observer: model name and version."""
+        return f"{self.model_name} {self.model_version}"
+
+    def uids(self, kind: ResultKind | str) -> tuple[UID, UID]:
+        """``(series_instance_uid, sop_instance_uid)`` of this job's result of ``kind``."""
+        return result_uids(self.uid_seed, kind, self.uid_prefix)
+
+    def series_number(self, kind: ResultKind | str) -> int:
+        """Series Number of this job's result of ``kind``."""
+        return self.series_number_base + ResultKind(kind).series_offset
+
+    def series_description(self, kind: ResultKind | str) -> str:
+        """Series Description of this job's result of ``kind``."""
+        return series_description(self.model_name, self.model_version, kind)
+
+    def job_uid(self, *parts: str) -> UID:
+        """A UID that depends on the seed and ``parts`` (e.g. a segment's tracking UID)."""
+        return derive_uid(self.uid_prefix, "ainode-job", self.uid_seed, *parts)
+
+    def device_uid(self) -> UID:
+        """UID of the algorithm as a device observer: same for every job of one version."""
+        return derive_uid(
+            self.uid_prefix, "ainode-device", self.manufacturer, self.model_name,
+            self.algorithm_id_version,
+        )
+
+
+def check_sources(sources: Sequence[Dataset]) -> None:
+    """Raise ``ValueError`` unless ``sources`` are non-empty instances of one study.
+
+    Each needs SOPClassUID, SOPInstanceUID, SeriesInstanceUID and StudyInstanceUID,
+    and the SOP Instance UIDs must be distinct.
+    """
+    if len(sources) == 0:
+        raise ValueError("no source instances given")
+    seen: set[str] = set()
+    for index, ds in enumerate(sources):
+        if not isinstance(ds, Dataset):
+            raise TypeError(f"source {index} is {type(ds).__name__}, not a pydicom Dataset")
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+            if not ds.get(keyword):
+                raise ValueError(f"source {index} lacks {keyword}")
+        if ds.SOPInstanceUID in seen:
+            raise ValueError(f"source SOP Instance UID {ds.SOPInstanceUID} given twice")
+        seen.add(ds.SOPInstanceUID)
+    studies = {ds.StudyInstanceUID for ds in sources}
+    if len(studies) != 1:
+        raise ValueError(f"sources belong to {len(studies)} studies, expected one")
+
+
+def _is_patient_study_element(ds: Dataset, tag: int) -> bool:
+    group = tag >> 16
+    if group in (0x0010, 0x0012):
+        return True
+    keyword = ds[tag].keyword
+    return keyword in _STUDY_KEYWORDS
+
+
+def source_headers(sources: Sequence[Dataset]) -> list[Dataset]:
+    """Return copies of the sources' headers that highdicom can copy into a valid result.
+
+    The copies drop pixel data and private elements (highdicom needs neither), add the Type 2
+    patient/study attributes a source lacks as empty values, and empty any
+    patient/study value that is invalid for its VR (e.g. PatientAge ``"81"``) or
+    a Patient's Sex outside M/F/O. Valid values are kept unchanged. The caller's
+    datasets are not modified.
+    """
+    check_sources(sources)
+    headers: list[Dataset] = []
+    for ds in sources:
+        header = Dataset()
+        for elem in ds:
+            if elem.tag.is_private or elem.keyword in _BULK_KEYWORDS:
+                continue
+            header.add(copy.deepcopy(elem))
+        if hasattr(ds, "file_meta"):
+            header.file_meta = copy.deepcopy(ds.file_meta)
+        for tag in list(header.keys()):
+            elem = header[tag]
+            if elem.VR == "SQ" or elem.is_empty or not _is_patient_study_element(header, tag):
+                continue
+            values = list(elem.value) if isinstance(elem.value, MultiValue) else [elem.value]
+            try:
+                for value in values:
+                    validate_value(elem.VR, value, config.RAISE)
+            except ValueError:
+                elem.value = None
+        if header.get("PatientSex", "") not in ("", *_PATIENT_SEX_VALUES):
+            header.PatientSex = None
+        for keyword in _TYPE2_PATIENT_STUDY:
+            if keyword not in header:
+                setattr(header, keyword, None)
+        headers.append(header)
+    return headers
+
+
+def coded(code: Code) -> CodedConcept:
+    """Convert a model :class:`~models.base.Code` to a highdicom ``CodedConcept``."""
+    if not isinstance(code, Code):
+        raise TypeError(f"expected models.base.Code, got {type(code).__name__}")
+    if not code.value or not code.scheme or not code.meaning:
+        raise ValueError(f"code needs a value, a scheme and a meaning: {code!r}")
+    return CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+
+
+@contextlib.contextmanager
+def no_patient_name_warning() -> Iterator[None]:
+    """Silence highdicom's "unlikely to represent the intended person name" warning.
+
+    highdicom warns when the Patient's Name copied from the source has a single
+    component, and the warning text contains the name: it must not reach a log.
+    ``warnings.catch_warnings`` changes process-wide state; other warnings emitted
+    by other threads while a result is built are unaffected except for this one.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"The string .* is unlikely to represent the intended person name",
+            category=UserWarning,
+        )
+        yield

@@ -1,0 +1,343 @@
+"""Tests of the built-in ``cxr-pneumonia`` model and of ``node.radiograph``."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from models.base import ModelError, UnsupportedInput, Volume
+from models.cxr_pneumonia import (
+    METRICS_FILENAME,
+    PNEUMONIA,
+    CxrPneumoniaModel,
+    default_weights_path,
+    read_weights,
+    save_weights,
+    sha256_file,
+)
+from models.train_cxr_pneumonia import roc_auc, youden_threshold
+from node.radiograph import radiograph_to_volume, window
+
+CXR_DIR = Path("/work/shared/dicom-samples/chest-xray")
+CXR_FILES = (
+    "RG1_J2KI.dcm",
+    "RG1_JLSN.dcm",
+    "DX_chest_PA_Canon_966_fixed.dcm",
+    "NIH_CXR14_SC_Covid0000.dcm",
+)
+MNIST = Path("/work/shared/datasets/pneumoniamnist.npz")
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def model() -> CxrPneumoniaModel:
+    m = CxrPneumoniaModel()
+    m.load("cpu")
+    return m
+
+
+@pytest.fixture(scope="module")
+def recorded() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(
+        default_weights_path().with_name(METRICS_FILENAME).read_text()
+    )
+    return data
+
+
+@pytest.fixture(scope="module")
+def real_volumes() -> Iterator[dict[str, Volume]]:
+    if not CXR_DIR.is_dir():
+        pytest.skip(f"{CXR_DIR} not available")
+    yield {name: radiograph_to_volume(pydicom.dcmread(CXR_DIR / name)) for name in CXR_FILES}
+
+
+def volume_28(image: npt.NDArray[np.uint8]) -> Volume:
+    return Volume(array=(image.astype(np.float32) / 255.0)[None], spacing=(1.0, 1.0, 1.0),
+                  modality="CR")
+
+
+def make_ds(
+    pixels: npt.NDArray[Any], photometric: str = "MONOCHROME2", bits_stored: int | None = None,
+    **attrs: Any,
+) -> Dataset:
+    """A minimal uncompressed DX dataset holding ``pixels``."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.Modality = "DX"
+    ds.set_pixel_data(pixels, photometric, bits_stored or pixels.dtype.itemsize * 8)
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def ramp16() -> npt.NDArray[np.uint16]:
+    return np.arange(64 * 48, dtype=np.uint16).reshape(64, 48) * 17
+
+
+# --------------------------------------------------------------------------- (a) shipped weights
+
+
+def test_shipped_weights_reproduce_recorded_probabilities(
+    model: CxrPneumoniaModel, recorded: dict[str, Any]
+) -> None:
+    ref = recorded["reference_predictions"]
+    shape = tuple(ref["images_shape"])
+    images = np.frombuffer(base64.b64decode(ref["images_uint8_base64"]), dtype=np.uint8)
+    images = images.reshape(shape)
+    got = [model.predict(volume_28(img)).findings[0].probability for img in images]
+    np.testing.assert_allclose(got, ref["probabilities"], atol=1e-4, rtol=0)
+    if MNIST.is_file():  # the stored images are the test split's images at those indices
+        with np.load(MNIST) as data:
+            np.testing.assert_array_equal(data["test_images"][ref["indices"]], images)
+
+
+def test_weights_file_matches_metrics(model: CxrPneumoniaModel, recorded: dict[str, Any]) -> None:
+    assert recorded["weights_sha256"] == sha256_file(default_weights_path())
+    assert recorded["algorithm_version"] == model.algorithm_version
+    assert recorded["test"]["auc"] >= 0.97
+    assert default_weights_path().stat().st_size < 2_000_000
+    assert model.threshold == pytest.approx(recorded["threshold"])
+
+
+def test_prediction_finding(model: CxrPneumoniaModel) -> None:
+    img = (np.linspace(0, 255, 28 * 28).reshape(28, 28)).astype(np.uint8)
+    pred = model.predict(volume_28(img))
+    assert len(pred.findings) == 1 and not pred.segments and not pred.measurements
+    finding = pred.findings[0]
+    assert finding.name == PNEUMONIA
+    assert 0.0 <= finding.probability <= 1.0
+    assert finding.threshold == model.threshold
+
+
+def test_input_validation(model: CxrPneumoniaModel) -> None:
+    good = np.zeros((1, 40, 30), dtype=np.float32)
+    with pytest.raises(UnsupportedInput):
+        model.predict(Volume(array=good, spacing=(1.0, 1.0, 1.0), modality="CT"))
+    with pytest.raises(UnsupportedInput):
+        model.predict(Volume(array=np.zeros((2, 40, 30), np.float32), spacing=(1.0, 1.0, 1.0),
+                             modality="DX"))
+    bad = good.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ModelError):
+        model.predict(Volume(array=bad, spacing=(1.0, 1.0, 1.0), modality="DX"))
+    with pytest.raises(ModelError):
+        CxrPneumoniaModel().predict(Volume(array=good, spacing=(1.0, 1.0, 1.0), modality="DX"))
+
+
+# --------------------------------------------------------------------------- (b) real radiographs
+
+
+@pytest.mark.parametrize("name", CXR_FILES)
+def test_real_radiograph(
+    name: str, real_volumes: dict[str, Volume], model: CxrPneumoniaModel
+) -> None:
+    ds = pydicom.dcmread(CXR_DIR / name, stop_before_pixels=True)
+    vol = real_volumes[name]
+    arr = vol.array
+    assert arr.shape == (1, ds.Rows, ds.Columns) and arr.dtype == np.float32
+    assert float(arr.min()) >= 0.0 and float(arr.max()) <= 1.0
+    assert float(arr.std()) > 0.05
+    # Display polarity: bones / mediastinum bright, aerated lungs dark (MONOCHROME1 inverted).
+    rows, cols = arr.shape[1:]
+    band = arr[0, int(0.3 * rows) : int(0.6 * rows)]
+    lungs = np.concatenate([band[:, int(0.2 * cols) : int(0.35 * cols)].ravel(),
+                            band[:, int(0.65 * cols) : int(0.8 * cols)].ravel()]).mean()
+    mediastinum = band[:, int(0.45 * cols) : int(0.55 * cols)].mean()
+    assert lungs < mediastinum - 0.1
+    model.check_input(vol)
+    p = model.predict(vol).findings[0].probability
+    assert 0.0 <= p <= 1.0
+
+
+def test_real_radiograph_metadata(real_volumes: dict[str, Volume]) -> None:
+    # RG1 has PixelSpacing 0\0 (invalid) -> 1 mm; the Canon DX has 0.16 mm.
+    assert real_volumes["RG1_J2KI.dcm"].spacing == (1.0, 1.0, 1.0)
+    assert real_volumes["DX_chest_PA_Canon_966_fixed.dcm"].spacing == (1.0, 0.16, 0.16)
+    assert real_volumes["RG1_J2KI.dcm"].modality == "CR"
+    assert real_volumes["RG1_J2KI.dcm"].body_part == "CHEST"
+    assert real_volumes["NIH_CXR14_SC_Covid0000.dcm"].modality == "DX"
+
+
+def test_rg1_codecs_agree(real_volumes: dict[str, Volume], model: CxrPneumoniaModel) -> None:
+    j2k, jls = real_volumes["RG1_J2KI.dcm"], real_volumes["RG1_JLSN.dcm"]
+    assert float(np.abs(j2k.array - jls.array).mean()) < 0.01
+    p_j2k = model.predict(j2k).findings[0].probability
+    p_jls = model.predict(jls).findings[0].probability
+    assert abs(p_j2k - p_jls) < 0.02
+
+
+# --------------------------------------------------------------------------- (c) synthetic DICOM
+
+
+def test_monochrome1_is_inverted_monochrome2() -> None:
+    px = ramp16()
+    attrs = {"WindowCenter": 20000, "WindowWidth": 30000}
+    m2 = radiograph_to_volume(make_ds(px, "MONOCHROME2", **attrs)).array
+    m1 = radiograph_to_volume(make_ds(px, "MONOCHROME1", **attrs)).array
+    np.testing.assert_allclose(m1, 1.0 - m2, atol=1e-6)
+    assert float(m2.std()) > 0.1
+    # MONOCHROME1 + INVERSE (as the standard requires for DX) is inverted once, not twice.
+    m1_inv = radiograph_to_volume(
+        make_ds(px, "MONOCHROME1", PresentationLUTShape="INVERSE", **attrs)
+    ).array
+    np.testing.assert_allclose(m1_inv, m1, atol=1e-6)
+    m2_inv = radiograph_to_volume(
+        make_ds(px, "MONOCHROME2", PresentationLUTShape="INVERSE", **attrs)
+    ).array
+    np.testing.assert_allclose(m2_inv, m1, atol=1e-6)
+
+
+def test_linear_window_with_rescale() -> None:
+    px = np.array([[0, 100, 200, 300], [400, 500, 600, 4095]], dtype=np.uint16)
+    ds = make_ds(px, bits_stored=12, RescaleSlope=2, RescaleIntercept=-100,
+                 WindowCenter=[500, 40], WindowWidth=[401, 400])
+    out = radiograph_to_volume(ds).array[0]
+    values = px * 2.0 - 100.0  # modality values
+    expected = np.clip((values - 499.5) / 400.0 + 0.5, 0.0, 1.0)  # first window 500 / 401
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+    assert out[0, 0] == 0.0 and out[1, 3] == 1.0
+
+
+def test_window_functions() -> None:
+    v = np.array([0.0, 50.0, 100.0, 150.0, 200.0])
+    np.testing.assert_allclose(window(v, 100.0, 100.0, "LINEAR_EXACT"), [0, 0, 0.5, 1, 1])
+    sig = window(v, 100.0, 100.0, "SIGMOID")
+    assert sig[2] == pytest.approx(0.5) and np.all(np.diff(sig) > 0)
+    np.testing.assert_allclose(window(v, 100.0, 1.0), [0, 0, 1, 1, 1])
+    ds = make_ds(ramp16(), WindowCenter=20000, WindowWidth=10000, VOILUTFunction="SIGMOID")
+    out = radiograph_to_volume(ds).array[0]
+    assert 0.0 < float(out.min()) < 0.05 and 0.95 < float(out.max()) < 1.0
+
+
+def test_voi_lut_sequence() -> None:
+    px = np.array([[0, 1, 2, 3], [4, 5, 6, 7]], dtype=np.uint16)
+    item = Dataset()
+    item.LUTDescriptor = [4, 2, 8]  # 4 entries, first mapped value 2, 8 bits per entry
+    item.LUTData = [0, 85, 170, 255]
+    ds = make_ds(px, bits_stored=12, WindowCenter=0, WindowWidth=1)
+    ds.VOILUTSequence = Sequence([item])
+    out = radiograph_to_volume(ds).array[0]  # the LUT wins over the window
+    np.testing.assert_allclose(out, [[0, 0, 0, 1 / 3], [2 / 3, 1, 1, 1]], atol=1e-6)
+
+
+def test_bit_depths_without_voi() -> None:
+    px8 = np.array([[0, 64], [128, 255]], dtype=np.uint8)
+    out8 = radiograph_to_volume(make_ds(px8)).array[0]
+    np.testing.assert_allclose(out8, px8 / 255.0, atol=1e-6)  # 8-bit is display-ready
+    px8_low = np.array([[10, 20], [30, 40]], dtype=np.uint8)
+    np.testing.assert_allclose(radiograph_to_volume(make_ds(px8_low)).array[0], px8_low / 255.0,
+                               atol=1e-6)
+    px16 = (ramp16().astype(np.uint32) * 3 // 4 + 1000).astype(np.uint16)
+    out16 = radiograph_to_volume(make_ds(px16, bits_stored=16)).array[0]
+    assert out16.min() == 0.0 and out16.max() == 1.0  # percentile window
+    assert np.all(np.diff(out16.ravel()) >= 0)  # monotonic ramp stays monotonic
+    assert 0.45 < float(out16.mean()) < 0.55
+    # a signed 16-bit image with a window
+    signed = (ramp16().astype(np.int32) - 20000).astype(np.int16)
+    outs = radiograph_to_volume(make_ds(signed, WindowCenter=0, WindowWidth=2000)).array[0]
+    assert outs.min() == 0.0 and outs.max() == 1.0
+
+
+def test_rgb_to_grey_and_no_file_meta() -> None:
+    rgb = np.zeros((4, 5, 3), dtype=np.uint8)
+    rgb[..., 0] = 255
+    rgb[2:, :, :] = 255
+    ds = make_ds(rgb, "RGB")
+    out = radiograph_to_volume(ds).array[0]
+    np.testing.assert_allclose(out[:2], 0.299, atol=1e-6)
+    np.testing.assert_allclose(out[2:], 1.0, atol=1e-6)
+    grey = make_ds(np.array([[0, 255]], dtype=np.uint8))
+    del grey.file_meta  # e.g. a dataset received over the network
+    np.testing.assert_allclose(radiograph_to_volume(grey).array[0], [[0.0, 1.0]])
+
+
+def test_spacing() -> None:
+    px = np.zeros((4, 4), dtype=np.uint8)
+    assert radiograph_to_volume(make_ds(px, PixelSpacing=[0, 0])).spacing == (1.0, 1.0, 1.0)
+    ds = make_ds(px, PixelSpacing=[0, 0], ImagerPixelSpacing=[0.2, 0.15])
+    assert radiograph_to_volume(ds).spacing == (1.0, 0.2, 0.15)
+    ds = make_ds(px, PixelSpacing=[0.1, 0.1], ImagerPixelSpacing=[0.2, 0.2])
+    assert radiograph_to_volume(ds).spacing == (1.0, 0.1, 0.1)
+
+
+def test_unsupported_inputs() -> None:
+    no_pixels = Dataset()
+    no_pixels.Modality = "SR"
+    with pytest.raises(UnsupportedInput, match="Pixel Data"):
+        radiograph_to_volume(no_pixels)
+    frames = np.zeros((3, 8, 8), dtype=np.uint8)
+    multi = make_ds(frames)
+    assert int(multi.NumberOfFrames) == 3
+    with pytest.raises(UnsupportedInput, match="multi-frame"):
+        radiograph_to_volume(multi)
+    broken = make_ds(np.zeros((8, 8), dtype=np.uint16))
+    broken.PixelData = broken.PixelData[:10]
+    with pytest.raises(UnsupportedInput, match="decode"):
+        radiograph_to_volume(broken)
+
+
+# --------------------------------------------------------------------------- (d) heatmap
+
+
+def test_heatmap(real_volumes: dict[str, Volume], model: CxrPneumoniaModel) -> None:
+    vol = real_volumes["RG1_J2KI.dcm"]
+    heat = model.heatmap(vol)
+    assert heat.shape == vol.array.shape[1:] and heat.dtype == np.float32
+    assert float(heat.min()) >= 0.0 and float(heat.max()) <= 1.0
+    assert float(heat.std()) > 0.01
+    small = model.heatmap(Volume(array=np.random.default_rng(0).random((1, 50, 37),
+                                                                         dtype=np.float32),
+                                 spacing=(1.0, 1.0, 1.0), modality="DX"))
+    assert small.shape == (50, 37)
+
+
+# --------------------------------------------------------------------------- (e) versioning
+
+
+def test_algorithm_version_tracks_weights(tmp_path: Path, model: CxrPneumoniaModel) -> None:
+    digest = sha256_file(default_weights_path())
+    assert model.algorithm_version == f"1.0.0+sha256:{digest[:12]}"
+    copy = tmp_path / "copy.safetensors"
+    shutil.copyfile(default_weights_path(), copy)
+    assert CxrPneumoniaModel(copy).algorithm_version == model.algorithm_version
+    net, meta = read_weights(default_weights_path())
+    with_other_meta = tmp_path / "other.safetensors"
+    save_weights(net, with_other_meta, meta, extra={"note": "re-saved for a test"})
+    other = CxrPneumoniaModel(with_other_meta)
+    other.load("cpu")
+    assert other.algorithm_version.startswith("1.0.0+sha256:")
+    assert other.algorithm_version != model.algorithm_version
+    assert sha256_file(with_other_meta)[:12] in other.algorithm_version
+    with pytest.raises(ModelError):
+        CxrPneumoniaModel(tmp_path / "missing.safetensors").load("cpu")
+
+
+# --------------------------------------------------------------------------- metrics helpers
+
+
+def test_roc_auc_matches_pairwise_definition() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 200)
+    s = np.round(rng.random(200) + 0.3 * y, 1)  # rounded: many ties
+    pos, neg = s[y == 1], s[y == 0]
+    pairwise = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean()
+    assert roc_auc(y, s) == pytest.approx(pairwise)
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
+    t = youden_threshold([0, 0, 1, 1], [0.1, 0.2, 0.6, 0.9])
+    assert 0.2 < t < 0.6

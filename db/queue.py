@@ -13,8 +13,9 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, Executable, and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import reading
@@ -191,11 +192,11 @@ def dispatch_stable_studies(
     created: list[int] = []
     for study_id, last_received, items in work:
         with factory.begin() as s:
-            study = s.get(Study, study_id)
-            if study is None or study.last_received_at != last_received:
+            current = s.get(Study, study_id)
+            if current is None or current.last_received_at != last_received:
                 continue  # an instance arrived since: not quiet any more
-            study.completed_at = now
-            study.runs += 1
+            current.completed_at = now
+            current.runs += 1
             for info, plans in items:
                 row = s.get(Series, info.id)
                 assert row is not None
@@ -258,13 +259,13 @@ def claim_job(
             job_id = s.scalar(query)
             if job_id is None:
                 return None
-            claimed = s.execute(
+            claimed = _rowcount(s,
                 update(Job)
                 .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
                 .values(status=JobStatus.RUNNING, lease_owner=owner,
                         lease_expires_at=now + timedelta(seconds=lease_seconds),
                         attempts=Job.attempts + 1, started_at=now, last_error=None)
-            ).rowcount
+            )
             if claimed == 1:
                 job = s.get(Job, job_id)
                 assert job is not None
@@ -273,29 +274,34 @@ def claim_job(
     return None
 
 
-def _fenced(job_id: int, owner: str) -> list[object]:
-    return [Job.id == job_id, Job.status == JobStatus.RUNNING, Job.lease_owner == owner]
+def _fenced(job_id: int, owner: str) -> tuple[ColumnElement[bool], ...]:
+    return (Job.id == job_id, Job.status == JobStatus.RUNNING, Job.lease_owner == owner)
+
+
+def _rowcount(s: Session, statement: Executable) -> int:
+    """Execute an UPDATE and return how many rows it changed."""
+    return int(cast(CursorResult[Any], s.execute(statement)).rowcount)
 
 
 def heartbeat(factory: SessionFactory, job_id: int, owner: str, now: datetime,
               lease_seconds: float) -> bool:
     """Extend the lease; False when the job is no longer ours (expired and requeued)."""
     with factory.begin() as s:
-        return s.execute(
+        return _rowcount(s,
             update(Job).where(*_fenced(job_id, owner))
             .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
-        ).rowcount == 1
+        ) == 1
 
 
 def complete_job(factory: SessionFactory, job_id: int, owner: str, now: datetime,
                  results: Sequence[ResultSpec], inference_seconds: float) -> bool:
     """Mark the job done and put its results in the outbox, in one transaction."""
     with factory.begin() as s:
-        done = s.execute(
+        done = _rowcount(s,
             update(Job).where(*_fenced(job_id, owner))
             .values(status=JobStatus.DONE, finished_at=now, lease_owner=None,
                     lease_expires_at=None, inference_seconds=inference_seconds, last_error=None)
-        ).rowcount == 1
+        ) == 1
         if not done:
             s.rollback()
             return False
@@ -335,21 +341,21 @@ def skip_job(factory: SessionFactory, job_id: int, owner: str, now: datetime,
              reason: str) -> bool:
     """The model does not accept this input: SKIPPED with the reason, no result."""
     with factory.begin() as s:
-        return s.execute(
+        return _rowcount(s,
             update(Job).where(*_fenced(job_id, owner))
             .values(status=JobStatus.SKIPPED, finished_at=now, lease_owner=None,
                     lease_expires_at=None, last_error=reason[:2000])
-        ).rowcount == 1
+        ) == 1
 
 
 def release_job(factory: SessionFactory, job_id: int, owner: str) -> bool:
     """Give a running job back to the queue without counting the attempt (clean shutdown)."""
     with factory.begin() as s:
-        return s.execute(
+        return _rowcount(s,
             update(Job).where(*_fenced(job_id, owner))
             .values(status=JobStatus.QUEUED, lease_owner=None, lease_expires_at=None,
                     attempts=Job.attempts - 1)
-        ).rowcount == 1
+        ) == 1
 
 
 def requeue_expired(factory: SessionFactory, now: datetime) -> list[int]:
@@ -398,7 +404,7 @@ def due_results(factory: SessionFactory, now: datetime, limit: int = 100) -> lis
 
 def mark_sent(factory: SessionFactory, result_id: int, now: datetime) -> None:
     with factory.begin() as s:
-        s.execute(update(Result).where(Result.id == result_id)
+        _rowcount(s, update(Result).where(Result.id == result_id)
                   .values(status=ResultStatus.SENT, sent_at=now, attempts=Result.attempts + 1,
                           last_error=None))
 

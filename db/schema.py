@@ -35,7 +35,7 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
-class JobStatus(str, enum.Enum):
+class JobStatus(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
@@ -44,7 +44,7 @@ class JobStatus(str, enum.Enum):
     CANCELLED = "cancelled"
 
 
-class ResultStatus(str, enum.Enum):
+class ResultStatus(enum.StrEnum):
     PENDING = "pending"
     SENT = "sent"
     FAILED = "failed"

@@ -105,7 +105,7 @@ class UnsupportedInput(ModelError):
 
 
 class Model(ABC):
-    """Base class of every model. Subclasses set the class attributes and implement the two steps."""
+    """Base class of every model: set the class attributes, implement load and predict."""
 
     name: str
     version: str
@@ -129,9 +129,7 @@ class Model(ABC):
         """Raise :class:`UnsupportedInput` when ``volume`` is outside the input spec."""
         spec = self.input_spec
         if spec.modalities and volume.modality not in spec.modalities:
-            raise UnsupportedInput(
-                f"modality {volume.modality!r} not in {list(spec.modalities)}"
-            )
+            raise UnsupportedInput(f"modality {volume.modality!r} not in {list(spec.modalities)}")
         slices = int(volume.array.shape[0])
         if slices < spec.min_slices:
             raise UnsupportedInput(f"{slices} slice(s), needs at least {spec.min_slices}")

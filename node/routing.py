@@ -53,7 +53,7 @@ def plan_jobs(routes: Sequence[Route], series: SeriesInfo, header: Dataset) -> l
         if not route_matches(route, header):
             continue
         for model in route.models:
-            name, dests = by_model.setdefault(model, (route.name, []))
+            _, dests = by_model.setdefault(model, (route.name, []))
             dests.extend(d for d in route.destinations if d not in dests)
     return [JobPlan(series_id=series.id, model=model, route=name, destinations=tuple(dests))
             for model, (name, dests) in by_model.items()]

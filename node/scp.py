@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 import pydicom
 import pydicom.config
+import pydicom.uid as uid
 from pydicom import Dataset
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -33,7 +34,6 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, _config, evt
-from pynetdicom import sop_class as sc
 from pynetdicom.transport import ThreadedAssociationServer
 
 from db.queue import InstanceMeta, SessionFactory, instance_known, record_instance
@@ -43,6 +43,7 @@ from node.storage import StorageFull, check_uid, durable_write, ensure_free_spac
 
 log = logging.getLogger("ainode.scp")
 
+VERIFICATION = "1.2.840.10008.1.1"
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_SOP_CLASS_MISMATCH = 0xA900
@@ -50,19 +51,19 @@ STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_PROCESSING_FAILURE = 0x0110
 
 STORAGE_SOP_CLASSES: tuple[str, ...] = (
-    sc.ComputedRadiographyImageStorage,
-    sc.DigitalXRayImageStorageForPresentation,
-    sc.DigitalXRayImageStorageForProcessing,
-    sc.CTImageStorage,
-    sc.EnhancedCTImageStorage,
-    sc.LegacyConvertedEnhancedCTImageStorage,
-    sc.MRImageStorage,
-    sc.EnhancedMRImageStorage,
-    sc.LegacyConvertedEnhancedMRImageStorage,
-    sc.SecondaryCaptureImageStorage,
-    sc.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
-    sc.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
-    sc.MultiFrameTrueColorSecondaryCaptureImageStorage,
+    uid.ComputedRadiographyImageStorage,
+    uid.DigitalXRayImageStorageForPresentation,
+    uid.DigitalXRayImageStorageForProcessing,
+    uid.CTImageStorage,
+    uid.EnhancedCTImageStorage,
+    uid.LegacyConvertedEnhancedCTImageStorage,
+    uid.MRImageStorage,
+    uid.EnhancedMRImageStorage,
+    uid.LegacyConvertedEnhancedMRImageStorage,
+    uid.SecondaryCaptureImageStorage,
+    uid.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    uid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    uid.MultiFrameTrueColorSecondaryCaptureImageStorage,
 )
 
 TRANSFER_SYNTAXES: tuple[str, ...] = (
@@ -146,10 +147,11 @@ def handle_store(event: Any, ctx: StoreContext) -> int:
             return STATUS_SUCCESS
         rel = instance_path(meta.study_uid, meta.series_uid, meta.sop_uid)
         size = durable_write(ctx.storage.dir, rel, event.encoded_dataset(include_meta=True))
-        meta = InstanceMeta(**{**meta.__dict__, "transfer_syntax": str(event.context.transfer_syntax),
-                               "path": str(rel), "size": size, "calling_ae": calling})
+        meta = replace(meta, transfer_syntax=str(event.context.transfer_syntax), path=str(rel),
+                       size=size, calling_ae=calling)
         if not record_instance(ctx.factory, meta, ctx.clock()):
-            log.info("duplicate instance sop=%s from %s: stored concurrently", meta.sop_uid, calling)
+            log.info("duplicate instance sop=%s from %s: stored concurrently", meta.sop_uid,
+                     calling)
         return STATUS_SUCCESS
     except StorageFull as exc:
         log.error("store refused sop=%s from %s: out of resources: %s",
@@ -207,7 +209,7 @@ def make_ae(dicom: DicomSettings) -> AE:
     ae.require_called_aet = True
     if dicom.allowed_calling_ae_titles:
         ae.require_calling_aet = list(dicom.allowed_calling_ae_titles)
-    ae.add_supported_context(sc.Verification)
+    ae.add_supported_context(VERIFICATION)
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
     return ae
@@ -218,12 +220,13 @@ def start_scp(dicom: DicomSettings, ctx: StoreContext) -> ThreadedAssociationSer
     quiet_pynetdicom()
     ctx.storage.dir.mkdir(parents=True, exist_ok=True)
     ae = make_ae(dicom)
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [ctx]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_REJECTED, handle_rejected),
         (evt.EVT_ACCEPTED, handle_accepted),
     ]
     server = ae.start_server((dicom.host, dicom.port), block=False, evt_handlers=handlers)
+    assert server is not None  # block=False always returns the server
     log.info("SCP %s listening on %s:%d", dicom.ae_title, dicom.host, dicom.port)
     return server

@@ -18,10 +18,10 @@ from typing import Any
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom import sop_class as sc
 
 from db.queue import ResultRecord, SessionFactory, due_results, mark_send_failed, mark_sent
 from node.errors import SendError
+from node.scp import VERIFICATION
 from node.settings import Destination, SendSettings, Settings
 
 log = logging.getLogger("ainode.sender")
@@ -39,7 +39,7 @@ class EchoResult:
 def backoff(attempts: int, send: SendSettings, rng: Callable[[], float] = random.random) -> float:
     """Exponential backoff with jitter: base * 2^(attempts-1), capped, times 0.5-1.0."""
     delay = min(send.backoff_base_seconds * 2 ** max(attempts - 1, 0), send.backoff_max_seconds)
-    return delay * (0.5 + 0.5 * rng())
+    return float(delay * (0.5 + 0.5 * rng()))
 
 
 def _ae(calling: str, timeout: float) -> AE:
@@ -54,7 +54,7 @@ def _ae(calling: str, timeout: float) -> AE:
 def echo(dest: Destination, calling: str, timeout: float = 10.0) -> EchoResult:
     """C-ECHO a destination."""
     ae = _ae(dest.calling_ae_title or calling, timeout)
-    ae.add_requested_context(sc.Verification)
+    ae.add_requested_context(VERIFICATION)
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
     if not assoc.is_established:
         return EchoResult(False, f"association with {dest.ae_title}@{dest.host}:{dest.port} "

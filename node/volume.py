@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -109,10 +110,10 @@ def _multiframe(ds: Dataset) -> SeriesVolume:
     orientation = _frame_attr(ds, 0, "PlaneOrientationSequence", "ImageOrientationPatient")
     if orientation is None:
         raise UnsupportedInput("multi-frame image without plane orientation")
-    normal = _normal([float(v) for v in orientation])  # type: ignore[attr-defined]
+    normal = _normal([float(v) for v in cast(Sequence[float], orientation)])
     positions = np.array([
-        float(np.dot(normal, [float(v) for v in (  # type: ignore[attr-defined]
-            _frame_attr(ds, i, "PlanePositionSequence", "ImagePositionPatient") or [0, 0, i])]))
+        float(np.dot(normal, [float(v) for v in cast(Sequence[float], (
+            _frame_attr(ds, i, "PlanePositionSequence", "ImagePositionPatient") or [0, 0, i]))]))
         for i in range(frames)
     ])
     order = np.argsort(positions, kind="stable")

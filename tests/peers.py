@@ -5,6 +5,7 @@ Every process started here is stopped by PID when the test ends.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -202,10 +203,8 @@ class NodeProcess:
 
     def stop(self) -> None:
         stop_process(self.proc, timeout=60)
-        try:  # workers the node started live in its process group
+        with contextlib.suppress(ProcessLookupError):  # its workers are in its process group
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def ainode(*args: str, log_path: Path, env: dict[str, str] | None = None

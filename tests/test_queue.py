@@ -37,7 +37,8 @@ T0 = datetime(2026, 1, 1, 12, 0, 0)
 def meta(sop: str, series: str = "1.2.3.1", study: str = "1.2.3", modality: str = "CT"
          ) -> InstanceMeta:
     return InstanceMeta(study_uid=study, series_uid=series, sop_uid=sop,
-                        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax="1.2.840.10008.1.2.1",
+                        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                        transfer_syntax="1.2.840.10008.1.2.1",
                         path=f"instances/{sop}.dcm", size=10, calling_ae="TEST", modality=modality)
 
 

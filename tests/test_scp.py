@@ -108,7 +108,7 @@ def test_unknown_calling_ae_is_rejected(tmp_path: Path, factory: Factory,
 
 def test_corrupt_file_gets_a_failure_status_and_node_keeps_running(
         scp: tuple[int, StorageSettings], factory: Factory, tmp_path: Path) -> None:
-    port, storage = scp
+    port, _ = scp
     bad = tmp_path / "bad.dcm"
     ds = pydicom.dcmread(sorted(CHEST_CT.glob("*.dcm"))[0])
     del ds.StudyInstanceUID  # an instance the node cannot file
@@ -123,7 +123,7 @@ def test_corrupt_file_gets_a_failure_status_and_node_keeps_running(
 
 def test_path_escaping_uid_is_refused(scp: tuple[int, StorageSettings], factory: Factory,
                                       tmp_path: Path) -> None:
-    port, storage = scp
+    port, _ = scp
     bad = tmp_path / "escape.dcm"
     ds = pydicom.dcmread(sorted(CHEST_CT.glob("*.dcm"))[0])
     ds.SeriesInstanceUID = "../../../../tmp/evil"

@@ -35,6 +35,10 @@ class InputSpec:
     description: str = ""
 
 
+AXIAL: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+"""Standard axial ImageOrientationPatient: rows toward patient left, columns toward posterior."""
+
+
 @dataclass(frozen=True)
 class Volume:
     """An image volume built from one series.
@@ -43,6 +47,7 @@ class Volume:
     units. Slices are ordered along the slice normal (increasing position).
     ``spacing`` is (slice spacing, row spacing, column spacing) in mm.
     ``slice_uids`` are the SOP Instance UIDs of the source slices, in array order.
+    ``orientation`` is the row and column direction cosines (ImageOrientationPatient).
     """
 
     array: npt.NDArray[np.float32]
@@ -50,6 +55,7 @@ class Volume:
     modality: str
     slice_uids: tuple[str, ...] = ()
     body_part: str = ""
+    orientation: tuple[float, ...] = AXIAL
 
 
 @dataclass(frozen=True)
@@ -89,11 +95,24 @@ class Finding:
         return self.probability >= self.threshold
 
 
+@dataclass(frozen=True)
+class Heatmap:
+    """Where the model looked for ``finding``: values in [0, 1] with the volume's shape.
+
+    A class-activation map (e.g. Grad-CAM); an explanation, not a segmentation.
+    """
+
+    finding: Code
+    array: npt.NDArray[np.float32]
+    label: str = "Class activation map"
+
+
 @dataclass
 class Prediction:
     segments: list[Segment] = field(default_factory=list)
     measurements: list[Measurement] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+    heatmaps: list[Heatmap] = field(default_factory=list)
 
 
 class ModelError(Exception):

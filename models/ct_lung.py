@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from models.base import (
+    AXIAL,
     Code,
     InputSpec,
     Measurement,
@@ -654,6 +655,15 @@ class CtLungModel(Model):
     def load(self, device: str) -> None:
         """Remember the device; there are no weights to load."""
         self._device = torch.device(device)
+
+    def check_input(self, volume: Volume) -> None:
+        """Also require the standard axial orientation that the left/right split assumes."""
+        super().check_input(volume)
+        if not np.allclose(volume.orientation, AXIAL, atol=0.05):
+            raise UnsupportedInput(
+                "needs axial slices with ImageOrientationPatient 1\\0\\0\\0\\1\\0, got "
+                + "\\".join(f"{v:g}" for v in volume.orientation)
+            )
 
     def predict(self, volume: Volume) -> Prediction:
         """Segment both lungs and measure them; see the module docstring."""

@@ -87,6 +87,7 @@ def _classic_stack(datasets: Sequence[Dataset]) -> SeriesVolume:
         modality=str(first.get("Modality", "")),
         slice_uids=tuple(str(ds.SOPInstanceUID) for ds in ordered),
         body_part=str(first.get("BodyPartExamined", "")),
+        orientation=tuple(orientation),
     )
     return SeriesVolume(volume=volume, sources=tuple(ordered))
 
@@ -132,6 +133,7 @@ def _multiframe(ds: Dataset) -> SeriesVolume:
         modality=str(ds.get("Modality", "")),
         slice_uids=(str(ds.SOPInstanceUID),),
         body_part=str(ds.get("BodyPartExamined", "")),
+        orientation=tuple(float(v) for v in cast(Sequence[float], orientation)),
     )
     if not np.array_equal(order, np.arange(frames)):
         raise UnsupportedInput("multi-frame image whose frames are not stored in slice order")

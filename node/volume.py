@@ -140,17 +140,25 @@ def _multiframe(ds: Dataset) -> SeriesVolume:
     return SeriesVolume(volume=volume, sources=(ds,), multiframe=True)
 
 
+def _one_radiograph(datasets: Sequence[Dataset]) -> Dataset:
+    """The one radiograph of a series; of several, the one frontal (PA/AP) view."""
+    if len(datasets) == 1:
+        return datasets[0]
+    frontal = [ds for ds in datasets if str(ds.get("ViewPosition", "")).upper() in ("PA", "AP")]
+    if len(frontal) == 1:
+        return frontal[0]
+    raise UnsupportedInput(f"{len(datasets)} radiographs in one series and "
+                           f"{len(frontal)} frontal (PA/AP) views; expected one")
+
+
 def build_volume(datasets: Sequence[Dataset]) -> SeriesVolume:
     """Turn the instances of one series into a :class:`SeriesVolume`."""
     if not datasets:
         raise UnsupportedInput("series has no instances")
     modality = str(datasets[0].get("Modality", ""))
     if modality in RADIOGRAPH_MODALITIES:
-        if len(datasets) != 1:
-            # Each radiograph is its own input; a multi-image series is handled image by image
-            # by the worker, so here we only take one.
-            raise UnsupportedInput(f"{len(datasets)} radiographs in one series; expected one")
-        return SeriesVolume(volume=radiograph_to_volume(datasets[0]), sources=(datasets[0],))
+        image = _one_radiograph(datasets)
+        return SeriesVolume(volume=radiograph_to_volume(image), sources=(image,))
     if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
         return _multiframe(datasets[0])
     return _classic_stack(datasets)

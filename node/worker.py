@@ -21,6 +21,7 @@ from pydicom import Dataset, dcmread
 from pydicom.filebase import DicomBytesIO
 
 import node
+from db.admin import report_presence
 from db.queue import (
     JobRecord,
     ResultSpec,
@@ -32,7 +33,7 @@ from db.queue import (
     series_instance_paths,
     skip_job,
 )
-from models.base import Model, ModelError, UnsupportedInput
+from models.base import Model, ModelError, Prediction, UnsupportedInput, Volume
 from models.registry import ModelFactory, UnknownModel, create
 from node.results import ResultContext, build_seg, build_sr
 from node.settings import Settings
@@ -90,6 +91,7 @@ class Worker:
         """Claim and process jobs until ``stop`` is set; the job in hand is finished first."""
         log.info("worker %s started on %s", self.owner, self.device)
         while not stop.is_set():
+            report_presence(self.factory, self.owner, os.getpid(), self.device, self.clock())
             job = claim_job(self.factory, self.owner, self.clock(),
                             self.settings.workers.lease_seconds)
             if job is None:
@@ -139,6 +141,24 @@ class Worker:
                 log.warning("job %d: lease lost while running", job.id)
                 return
 
+    def _predict(self, model: Model, volume: Volume, job_id: int) -> Prediction:
+        """Predict on the worker's device; on CUDA out of memory, this job runs on the CPU."""
+        import torch
+
+        try:
+            return model.predict(volume)
+        except torch.cuda.OutOfMemoryError:
+            if self.device == "cpu":
+                raise
+            log.warning("job %d: CUDA out of memory on %s: running this job on the CPU",
+                        job_id, self.device)
+            torch.cuda.empty_cache()
+            model.load("cpu")
+            try:
+                return model.predict(volume)
+            finally:
+                model.load(self.device)
+
     def _execute(self, job: JobRecord) -> tuple[list[ResultSpec], float]:
         model = self.model(job.model)
         root = self.settings.storage.dir
@@ -147,7 +167,7 @@ class Worker:
         series = build_volume(datasets)
         model.check_input(series.volume)
         started = time.monotonic()
-        prediction = model.predict(series.volume)
+        prediction = self._predict(model, series.volume, job.id)
         seconds = time.monotonic() - started
         ctx = ResultContext(
             model_name=model.name, model_version=model.version,

@@ -163,7 +163,7 @@ def start_orthanc(workdir: Path, node_port: int, *, aet: str = "ORTHANC",
 def write_config(path: Path, *, port: int, storage: Path, db_url: str | None = None,
                  destinations: list[dict[str, Any]] | None = None,
                  routes: list[dict[str, Any]] | None = None, stable_seconds: float = 1.0,
-                 workers: int = 1, extra: str = "") -> Path:
+                 workers: int = 1, extra: str = "", admin_port: int | None = None) -> Path:
     """Write a node config TOML for a test."""
     db_url = db_url or f"sqlite:///{storage / 'ainode.db'}"
     lines = [
@@ -177,6 +177,7 @@ def write_config(path: Path, *, port: int, storage: Path, db_url: str | None = N
         "[send]", "backoff_base_seconds = 0.5", "backoff_max_seconds = 2",
         "interval_seconds = 0.5", "max_attempts = 50", "timeout_seconds = 10",
         "[logging]", 'level = "INFO"',
+        "[admin]", f"port = {admin_port or free_port()}",
     ]
     for dest in destinations or []:
         lines += ["[[destinations]]", *(f"{k} = {json.dumps(v)}" for k, v in dest.items())]

@@ -23,8 +23,9 @@ from models.ct_lung import (
     VOLUME,
     CtLungModel,
 )
+from tests.peers import CHEST_CT
 
-CT_DIR = Path("/work/shared/dicom-samples/chest-ct-lung-pet-ct-dx-a0002")
+CT_DIR = CHEST_CT
 
 # Measured on the sample (CPU, this implementation): right lung 1137 mL, mean -816 HU,
 # LAA-950 2.7 %; left lung 1605 mL, mean -727 HU, LAA-950 0.03 %. The sample covers both
@@ -145,8 +146,6 @@ def model() -> CtLungModel:
 
 @pytest.fixture(scope="module")
 def chest_ct() -> Volume:
-    if not CT_DIR.is_dir():
-        pytest.skip(f"{CT_DIR} not available")
     return load_chest_ct()
 
 

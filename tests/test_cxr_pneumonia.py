@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 
 from models.base import ModelError, UnsupportedInput, Volume
 from models.cxr_pneumonia import (
@@ -29,15 +29,16 @@ from models.cxr_pneumonia import (
 )
 from models.train_cxr_pneumonia import roc_auc, youden_threshold
 from node.radiograph import radiograph_to_volume, window
+from tests.peers import SAMPLES, SHARED
 
-CXR_DIR = Path("/work/shared/dicom-samples/chest-xray")
+CXR_DIR = SAMPLES / "chest-xray"
 CXR_FILES = (
     "RG1_J2KI.dcm",
     "RG1_JLSN.dcm",
     "DX_chest_PA_Canon_966_fixed.dcm",
     "NIH_CXR14_SC_Covid0000.dcm",
 )
-MNIST = Path("/work/shared/datasets/pneumoniamnist.npz")
+MNIST = SHARED / "datasets" / "pneumoniamnist.npz"
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -60,18 +61,19 @@ def recorded() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def real_volumes() -> Iterator[dict[str, Volume]]:
-    if not CXR_DIR.is_dir():
-        pytest.skip(f"{CXR_DIR} not available")
     yield {name: radiograph_to_volume(pydicom.dcmread(CXR_DIR / name)) for name in CXR_FILES}
 
 
 def volume_28(image: npt.NDArray[np.uint8]) -> Volume:
-    return Volume(array=(image.astype(np.float32) / 255.0)[None], spacing=(1.0, 1.0, 1.0),
-                  modality="CR")
+    return Volume(
+        array=(image.astype(np.float32) / 255.0)[None], spacing=(1.0, 1.0, 1.0), modality="CR"
+    )
 
 
 def make_ds(
-    pixels: npt.NDArray[Any], photometric: str = "MONOCHROME2", bits_stored: int | None = None,
+    pixels: npt.NDArray[Any],
+    photometric: str = "MONOCHROME2",
+    bits_stored: int | None = None,
     **attrs: Any,
 ) -> Dataset:
     """A minimal uncompressed DX dataset holding ``pixels``."""
@@ -102,6 +104,9 @@ def test_shipped_weights_reproduce_recorded_probabilities(
     images = images.reshape(shape)
     got = [model.predict(volume_28(img)).findings[0].probability for img in images]
     np.testing.assert_allclose(got, ref["probabilities"], atol=1e-4, rtol=0)
+    # Probabilities near 0 or 1 hide small changes; the logits do not.
+    logits = [model.logit(volume_28(img)) for img in images]
+    np.testing.assert_allclose(logits, ref["logits"], atol=1e-3, rtol=0)
     if MNIST.is_file():  # the stored images are the test split's images at those indices
         with np.load(MNIST) as data:
             np.testing.assert_array_equal(data["test_images"][ref["indices"]], images)
@@ -130,8 +135,9 @@ def test_input_validation(model: CxrPneumoniaModel) -> None:
     with pytest.raises(UnsupportedInput):
         model.predict(Volume(array=good, spacing=(1.0, 1.0, 1.0), modality="CT"))
     with pytest.raises(UnsupportedInput):
-        model.predict(Volume(array=np.zeros((2, 40, 30), np.float32), spacing=(1.0, 1.0, 1.0),
-                             modality="DX"))
+        model.predict(
+            Volume(array=np.zeros((2, 40, 30), np.float32), spacing=(1.0, 1.0, 1.0), modality="DX")
+        )
     bad = good.copy()
     bad[0, 0, 0] = np.nan
     with pytest.raises(ModelError):
@@ -156,8 +162,12 @@ def test_real_radiograph(
     # Display polarity: bones / mediastinum bright, aerated lungs dark (MONOCHROME1 inverted).
     rows, cols = arr.shape[1:]
     band = arr[0, int(0.3 * rows) : int(0.6 * rows)]
-    lungs = np.concatenate([band[:, int(0.2 * cols) : int(0.35 * cols)].ravel(),
-                            band[:, int(0.65 * cols) : int(0.8 * cols)].ravel()]).mean()
+    lungs = np.concatenate(
+        [
+            band[:, int(0.2 * cols) : int(0.35 * cols)].ravel(),
+            band[:, int(0.65 * cols) : int(0.8 * cols)].ravel(),
+        ]
+    ).mean()
     mediastinum = band[:, int(0.45 * cols) : int(0.55 * cols)].mean()
     assert lungs < mediastinum - 0.1
     model.check_input(vol)
@@ -205,8 +215,14 @@ def test_monochrome1_is_inverted_monochrome2() -> None:
 
 def test_linear_window_with_rescale() -> None:
     px = np.array([[0, 100, 200, 300], [400, 500, 600, 4095]], dtype=np.uint16)
-    ds = make_ds(px, bits_stored=12, RescaleSlope=2, RescaleIntercept=-100,
-                 WindowCenter=[500, 40], WindowWidth=[401, 400])
+    ds = make_ds(
+        px,
+        bits_stored=12,
+        RescaleSlope=2,
+        RescaleIntercept=-100,
+        WindowCenter=[500, 40],
+        WindowWidth=[401, 400],
+    )
     out = radiograph_to_volume(ds).array[0]
     values = px * 2.0 - 100.0  # modality values
     expected = np.clip((values - 499.5) / 400.0 + 0.5, 0.0, 1.0)  # first window 500 / 401
@@ -241,8 +257,9 @@ def test_bit_depths_without_voi() -> None:
     out8 = radiograph_to_volume(make_ds(px8)).array[0]
     np.testing.assert_allclose(out8, px8 / 255.0, atol=1e-6)  # 8-bit is display-ready
     px8_low = np.array([[10, 20], [30, 40]], dtype=np.uint8)
-    np.testing.assert_allclose(radiograph_to_volume(make_ds(px8_low)).array[0], px8_low / 255.0,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        radiograph_to_volume(make_ds(px8_low)).array[0], px8_low / 255.0, atol=1e-6
+    )
     px16 = (ramp16().astype(np.uint32) * 3 // 4 + 1000).astype(np.uint16)
     out16 = radiograph_to_volume(make_ds(px16, bits_stored=16)).array[0]
     assert out16.min() == 0.0 and out16.max() == 1.0  # percentile window
@@ -301,9 +318,13 @@ def test_heatmap(real_volumes: dict[str, Volume], model: CxrPneumoniaModel) -> N
     assert heat.shape == vol.array.shape[1:] and heat.dtype == np.float32
     assert float(heat.min()) >= 0.0 and float(heat.max()) <= 1.0
     assert float(heat.std()) > 0.01
-    small = model.heatmap(Volume(array=np.random.default_rng(0).random((1, 50, 37),
-                                                                         dtype=np.float32),
-                                 spacing=(1.0, 1.0, 1.0), modality="DX"))
+    small = model.heatmap(
+        Volume(
+            array=np.random.default_rng(0).random((1, 50, 37), dtype=np.float32),
+            spacing=(1.0, 1.0, 1.0),
+            modality="DX",
+        )
+    )
     assert small.shape == (50, 37)
 
 

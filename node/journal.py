@@ -1,0 +1,129 @@
+"""A write-ahead journal for received instances, with group commit.
+
+The C-STORE handler appends the encoded instance and its database row (as a
+small header) to a preallocated segment file and waits until a single
+``fdatasync`` covers its record; only then does it answer success. One flush
+makes both the file content and the row durable, and concurrent associations
+share flushes. A background thread then writes the instance file and the row
+(no flush of its own); a segment is deleted only after a file-system sync and a
+fully synced database commit have made everything it holds durable elsewhere.
+After a crash, :func:`replay` re-applies every record of the leftover segments,
+idempotently.
+
+Record layout: ``MAGIC | header length (u32) | payload length (u64) | CRC32 of
+header+payload (u32) | header (JSON) | payload``. A torn record at the end of a
+segment (crash during the write) fails its CRC and ends the segment: it was
+never acknowledged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+import uuid
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+MAGIC = b"AIJ1"
+HEAD = struct.Struct("<4sIQI")
+SEGMENT_BYTES = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """Where a record ends; durable once the segment is synced past ``end``."""
+
+    segment: Path
+    end: int
+
+
+class Segment:
+    """One preallocated journal file, appended to by many threads, flushed in groups."""
+
+    def __init__(self, folder: Path, size: int = SEGMENT_BYTES) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"{os.getpid()}-{uuid.uuid4().hex[:12]}.journal"
+        self.size = size
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            os.posix_fallocate(self._fd, 0, size)
+        except OSError:
+            pass  # file systems without fallocate: the file grows as it is written
+        os.fsync(self._fd)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._lock = threading.Lock()
+        self._sync = threading.Condition(threading.Lock())
+        self._written = 0
+        self._synced = 0
+        self._syncing = False
+        self.closed = False
+
+    def fits(self, length: int) -> bool:
+        return self._written + HEAD.size + length <= self.size
+
+    def append(self, header: dict[str, object], payload: bytes | memoryview) -> Ticket:
+        """Write one record (not yet durable: pass the ticket to :meth:`wait_durable`)."""
+        head = json.dumps(header, separators=(",", ":")).encode()
+        crc = zlib.crc32(payload, zlib.crc32(head))
+        record = HEAD.pack(MAGIC, len(head), len(payload), crc) + head
+        with self._lock:
+            offset = self._written
+            self._written += len(record) + len(payload)
+        os.pwrite(self._fd, record, offset)
+        os.pwrite(self._fd, payload, offset + len(record))
+        return Ticket(self.path, offset + len(record) + len(payload))
+
+    def wait_durable(self, ticket: Ticket) -> None:
+        """Return once a flush covers ``ticket``; one caller flushes for all who wait."""
+        with self._sync:
+            while self._synced < ticket.end:
+                if self._syncing:
+                    self._sync.wait()
+                    continue
+                self._syncing = True
+                target = self._written
+                self._sync.release()
+                try:
+                    os.fdatasync(self._fd)
+                finally:
+                    self._sync.acquire()
+                    self._syncing = False
+                self._synced = max(self._synced, target)
+                self._sync.notify_all()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self._fd)
+
+
+def read_segment(path: Path) -> Iterator[tuple[dict[str, object], bytes]]:
+    """The complete records of a segment, in order; stops at the first torn or empty one."""
+    with path.open("rb") as handle:
+        while True:
+            raw = handle.read(HEAD.size)
+            if len(raw) < HEAD.size:
+                return
+            magic, head_len, payload_len, crc = HEAD.unpack(raw)
+            if magic != MAGIC:
+                return
+            head = handle.read(head_len)
+            payload = handle.read(payload_len)
+            if len(head) < head_len or len(payload) < payload_len:
+                return
+            if zlib.crc32(payload, zlib.crc32(head)) != crc:
+                return
+            yield json.loads(head), payload
+
+
+def segments(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.journal"), key=lambda p: p.stat().st_mtime) \
+        if folder.is_dir() else []

@@ -18,6 +18,7 @@ never acknowledged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -49,10 +50,8 @@ class Segment:
         self.path = folder / f"{os.getpid()}-{uuid.uuid4().hex[:12]}.journal"
         self.size = size
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
+        with contextlib.suppress(OSError):  # without fallocate the file grows as written
             os.posix_fallocate(self._fd, 0, size)
-        except OSError:
-            pass  # file systems without fallocate: the file grows as it is written
         os.fsync(self._fd)
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:

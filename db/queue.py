@@ -5,23 +5,42 @@ Job claims are atomic: a compare-and-set UPDATE on the job's status (and on
 PostgreSQL a ``FOR UPDATE SKIP LOCKED`` select), so two workers never run the
 same job. Every transition of a running job is fenced by its lease owner, so a
 worker whose lease expired cannot overwrite the outcome of the run that replaced it.
+Outgoing results are claimed the same way (status ``sending`` with a lease), so
+several nodes sharing one PostgreSQL database never send one result twice.
+
+On SQLite every write transaction begins IMMEDIATE and so runs alone; on
+PostgreSQL (READ COMMITTED) read-then-write transactions lock the rows they
+read (``FOR UPDATE``), which serialises them per row.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Executable, and_, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    Executable,
+    Select,
+    and_,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import reading
 from db.schema import Instance, Job, JobStatus, Result, ResultStatus, Series, Study
 
 SessionFactory = sessionmaker[Session]
+_Q = TypeVar("_Q", bound="Select[Any]")
+INGEST_RETRIES = 5
 
 
 @dataclass(frozen=True)
@@ -108,6 +127,15 @@ class ResultRecord:
     attempts: int
 
 
+def _is_postgresql(s: Session) -> bool:
+    return s.bind is not None and s.bind.dialect.name == "postgresql"
+
+
+def _locked(s: Session, query: _Q, *, skip_locked: bool = False) -> _Q:
+    """``query`` with ``FOR UPDATE`` on PostgreSQL (SQLite's IMMEDIATE transactions need none)."""
+    return query.with_for_update(skip_locked=skip_locked) if _is_postgresql(s) else query
+
+
 # --- ingest -----------------------------------------------------------------
 
 
@@ -116,18 +144,31 @@ def record_instance(factory: SessionFactory, meta: InstanceMeta, now: datetime) 
 
     Creates the study and series on first sight; marks the series pending so the
     stability sweep (re)evaluates it, also when the study was already processed.
+    Concurrent receivers (threads, or nodes sharing PostgreSQL) may both create the
+    same study or series: the loser's unique-constraint error is retried once the
+    winner's row is visible.
     """
+    for attempt in range(INGEST_RETRIES):
+        try:
+            return _record_instance(factory, meta, now)
+        except IntegrityError:
+            if attempt == INGEST_RETRIES - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _record_instance(factory: SessionFactory, meta: InstanceMeta, now: datetime) -> bool:
     with factory.begin() as s:
         if s.scalar(select(Instance.id).where(Instance.sop_uid == meta.sop_uid)) is not None:
             return False
-        study = s.scalar(select(Study).where(Study.study_uid == meta.study_uid))
+        study = s.scalar(_locked(s, select(Study).where(Study.study_uid == meta.study_uid)))
         if study is None:
             study = Study(study_uid=meta.study_uid, accession_number=meta.accession_number,
                           first_received_at=now, last_received_at=now, runs=0)
             s.add(study)
             s.flush()
         study.last_received_at = now
-        series = s.scalar(select(Series).where(Series.series_uid == meta.series_uid))
+        series = s.scalar(_locked(s, select(Series).where(Series.series_uid == meta.series_uid)))
         if series is None:
             series = Series(study_id=study.id, series_uid=meta.series_uid, modality=meta.modality,
                             sop_class_uid=meta.sop_class_uid, body_part=meta.body_part,
@@ -192,14 +233,18 @@ def dispatch_stable_studies(
     created: list[int] = []
     for study_id, last_received, items in work:
         with factory.begin() as s:
-            current = s.get(Study, study_id)
+            current = s.get(Study, study_id, with_for_update=_is_postgresql(s))
             if current is None or current.last_received_at != last_received:
                 continue  # an instance arrived since: not quiet any more
+            locked = {row.id: row for row in s.scalars(
+                _locked(s, select(Series).where(Series.study_id == study_id)))}
+            if any((row := locked.get(info.id)) is None or not row.pending
+                   or row.runs != info.run - 1 for info, _ in items):
+                continue  # another node (sharing the database) completed this run first
             current.completed_at = now
             current.runs += 1
             for info, plans in items:
-                row = s.get(Series, info.id)
-                assert row is not None
+                row = locked[info.id]
                 row.pending = False
                 row.runs = info.run
                 for job_plan in plans:
@@ -254,9 +299,7 @@ def claim_job(
             )
             if models is not None:
                 query = query.where(Job.model.in_(list(models)))
-            if s.bind is not None and s.bind.dialect.name == "postgresql":
-                query = query.with_for_update(skip_locked=True)
-            job_id = s.scalar(query)
+            job_id = s.scalar(_locked(s, query, skip_locked=True))
             if job_id is None:
                 return None
             claimed = _rowcount(s,
@@ -294,8 +337,12 @@ def heartbeat(factory: SessionFactory, job_id: int, owner: str, now: datetime,
 
 
 def complete_job(factory: SessionFactory, job_id: int, owner: str, now: datetime,
-                 results: Sequence[ResultSpec], inference_seconds: float) -> bool:
-    """Mark the job done and put its results in the outbox, in one transaction."""
+                 results: Sequence[ResultSpec], inference_seconds: float,
+                 kinds: Mapping[str, Collection[str]] | None = None) -> bool:
+    """Mark the job done and put its results in the outbox, in one transaction.
+
+    ``kinds`` maps a destination to the result kinds it takes (all when absent).
+    """
     with factory.begin() as s:
         done = _rowcount(s,
             update(Job).where(*_fenced(job_id, owner))
@@ -309,6 +356,8 @@ def complete_job(factory: SessionFactory, job_id: int, owner: str, now: datetime
         assert job is not None
         for dest in (d for d in job.destinations.split(",") if d):
             for spec in results:
+                if kinds is not None and dest in kinds and spec.kind not in kinds[dest]:
+                    continue
                 s.add(Result(job_id=job_id, destination=dest, kind=spec.kind,
                              sop_class_uid=spec.sop_class_uid,
                              sop_instance_uid=spec.sop_instance_uid, path=spec.path,
@@ -321,7 +370,7 @@ def fail_job(factory: SessionFactory, job_id: int, owner: str, now: datetime, er
              *, retry: bool, retry_delay: float = 5.0) -> JobStatus | None:
     """Record a failure: requeue while attempts remain (and ``retry``), else FAILED."""
     with factory.begin() as s:
-        job = s.get(Job, job_id)
+        job = s.get(Job, job_id, with_for_update=_is_postgresql(s))
         if job is None or job.status != JobStatus.RUNNING or job.lease_owner != owner:
             return None
         status = (JobStatus.QUEUED if retry and job.attempts < job.max_attempts
@@ -361,8 +410,9 @@ def release_job(factory: SessionFactory, job_id: int, owner: str) -> bool:
 def requeue_expired(factory: SessionFactory, now: datetime) -> list[int]:
     """Requeue running jobs whose lease expired (their worker died); fail those out of attempts."""
     with factory.begin() as s:
-        jobs = s.scalars(
-            select(Job).where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+        jobs = s.scalars(_locked(s,
+            select(Job).where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now),
+            skip_locked=True)
         ).all()
         for job in jobs:
             job.last_error = f"lease of {job.lease_owner} expired (worker died or hung)"
@@ -393,6 +443,7 @@ def _result_record(r: Result) -> ResultRecord:
 
 
 def due_results(factory: SessionFactory, now: datetime, limit: int = 100) -> list[ResultRecord]:
+    """Pending results due at ``now`` (a read-only view; senders use :func:`claim_results`)."""
     with reading(factory) as s:
         rows = s.scalars(
             select(Result)
@@ -402,24 +453,81 @@ def due_results(factory: SessionFactory, now: datetime, limit: int = 100) -> lis
         return [_result_record(r) for r in rows]
 
 
-def mark_sent(factory: SessionFactory, result_id: int, now: datetime) -> None:
+def _claimable(now: datetime) -> ColumnElement[bool]:
+    """Due pending results, and results whose sender's lease expired (it died mid-send)."""
+    return or_(
+        and_(Result.status == ResultStatus.PENDING, Result.next_attempt_at <= now),
+        and_(Result.status == ResultStatus.SENDING, Result.lease_expires_at < now),
+    )
+
+
+def claim_results(factory: SessionFactory, owner: str, now: datetime, lease_seconds: float,
+                  limit: int = 16) -> list[ResultRecord]:
+    """Atomically take up to ``limit`` due results for ``owner`` to send (status SENDING).
+
+    Two senders (threads, or nodes sharing PostgreSQL) never claim the same row. A
+    sender that dies leaves its rows SENDING until the lease expires; then another
+    claims and resends them, with the same SOP Instance UIDs.
+    """
     with factory.begin() as s:
-        _rowcount(s, update(Result).where(Result.id == result_id)
-                  .values(status=ResultStatus.SENT, sent_at=now, attempts=Result.attempts + 1,
-                          last_error=None))
+        ids = list(s.scalars(_locked(s,
+            select(Result.id).where(_claimable(now)).order_by(Result.id).limit(limit),
+            skip_locked=True)))
+        if not ids:
+            return []
+        claimed = list(s.scalars(
+            update(Result).where(Result.id.in_(ids), _claimable(now))
+            .values(status=ResultStatus.SENDING, lease_owner=owner,
+                    lease_expires_at=now + timedelta(seconds=lease_seconds))
+            .returning(Result.id)
+            .execution_options(synchronize_session=False)
+        ))
+        rows = s.scalars(select(Result).where(Result.id.in_(claimed)).order_by(Result.id)).all()
+        return [_result_record(r) for r in rows]
+
+
+def mark_sent(factory: SessionFactory, result_id: int, now: datetime,
+              owner: str | None = None) -> bool:
+    """Record the destination's acknowledgement; False when it was already recorded.
+
+    Not fenced by ``owner``: an acknowledged object is delivered, even if this
+    sender's lease ran out meanwhile (the other sender's resend is then a harmless
+    overwrite of the same SOP Instance UID).
+    """
+    del owner  # accepted for symmetry with mark_send_failed
+    with factory.begin() as s:
+        return _rowcount(s,
+            update(Result).where(Result.id == result_id, Result.status != ResultStatus.SENT)
+            .values(status=ResultStatus.SENT, sent_at=now, attempts=Result.attempts + 1,
+                    last_error=None, lease_owner=None, lease_expires_at=None)
+        ) == 1
 
 
 def mark_send_failed(factory: SessionFactory, result_id: int, now: datetime, error: str, *,
-                     retry_at: datetime | None, max_attempts: int) -> ResultStatus:
-    """Count a failed attempt: PENDING again at ``retry_at``, or FAILED (no retry or exhausted)."""
+                     retry_at: datetime | None, max_attempts: int,
+                     owner: str | None = None) -> ResultStatus:
+    """Count a failed attempt: PENDING again at ``retry_at``, or FAILED (no retry or exhausted).
+
+    With ``owner`` the update is fenced by the claim: a sender whose lease expired
+    (and whose rows another sender took over) changes nothing and gets the row's
+    current status back.
+    """
     with factory.begin() as s:
-        result = s.get(Result, result_id)
+        result = s.get(Result, result_id, with_for_update=_is_postgresql(s))
         assert result is not None
+        if owner is not None and (result.status is not ResultStatus.SENDING
+                                  or result.lease_owner != owner):
+            return result.status
+        if result.status is ResultStatus.SENT:
+            return result.status
         result.attempts += 1
         result.last_error = error[:2000]
+        result.lease_owner = None
+        result.lease_expires_at = None
         if retry_at is None or result.attempts >= max_attempts:
             result.status = ResultStatus.FAILED
         else:
+            result.status = ResultStatus.PENDING
             result.next_attempt_at = retry_at
         return result.status
 

@@ -24,6 +24,44 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TLSSettings(_Section):
+    """DICOM TLS for the SCP (and the client certificate the sender presents by default)."""
+
+    enabled: bool = False
+    cert: Path | None = None
+    """PEM certificate (chain) of this node."""
+    key: Path | None = None
+    """PEM private key of ``cert`` (unencrypted; keep it mode 0600)."""
+    ca: Path | None = None
+    """PEM bundle of the CAs whose client certificates are accepted."""
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _complete(self) -> TLSSettings:
+        if self.enabled and (self.cert is None or self.key is None):
+            raise ValueError("TLS needs cert and key")
+        if self.require_client_cert and self.ca is None:
+            raise ValueError("require_client_cert needs ca")
+        return self
+
+
+class DestinationTLS(_Section):
+    enabled: bool = False
+    ca: Path | None = None
+    """PEM bundle to verify the destination's certificate; default: the system trust store."""
+    cert: Path | None = None
+    """Client certificate to present; default: dicom.tls.cert (if any)."""
+    key: Path | None = None
+    check_hostname: bool = True
+    """Check the destination's certificate names ``host`` (DNS name or IP address)."""
+
+    @model_validator(mode="after")
+    def _pair(self) -> DestinationTLS:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together")
+        return self
+
+
 class DicomSettings(_Section):
     ae_title: AETitle = "AINODE"
     host: str = "0.0.0.0"
@@ -33,6 +71,7 @@ class DicomSettings(_Section):
     """Maximum PDU size we accept; 0 means unlimited (fastest for large instances)."""
     max_associations: Annotated[int, Field(ge=1)] = 32
     network_timeout: Annotated[float, Field(gt=0)] = 60.0
+    tls: TLSSettings = TLSSettings()
 
 
 class StorageSettings(_Section):
@@ -77,6 +116,21 @@ class WorkerSettings(_Section):
 class AdminSettings(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
+    """Bound elsewhere than loopback, the admin server requires authentication."""
+    enabled: bool = True
+    username: str | None = None
+    password_hash: str | None = None
+    """``pbkdf2_sha256$ITERATIONS$SALT$HASH``, made by ``ainode hash-secret``."""
+    token_hash: str | None = None
+    """Same format; clients send the token itself as ``Authorization: Bearer TOKEN``."""
+    credentials_file: Path | None = None
+    """TOML with ``username``/``password_hash``/``token_hash`` (mode 0600), read at start."""
+
+    @model_validator(mode="after")
+    def _user_with_password(self) -> AdminSettings:
+        if (self.username is None) != (self.password_hash is None):
+            raise ValueError("username and password_hash go together")
+        return self
 
 
 class SendSettings(_Section):
@@ -98,6 +152,10 @@ class Destination(_Section):
     port: Port
     calling_ae_title: AETitle | None = None
     """The AE title we call from; defaults to dicom.ae_title."""
+    tls: DestinationTLS = DestinationTLS()
+    objects: Annotated[list[Literal["SEG", "SR", "HEATMAP", "SC"]], Field(min_length=1)] = [
+        "SEG", "SR", "HEATMAP"]
+    """Result objects this destination gets; SC is a burned-in secondary capture series."""
 
 
 class Route(_Section):
@@ -121,6 +179,60 @@ class Route(_Section):
         return value
 
 
+class CodeConfig(_Section):
+    value: Annotated[str, Field(min_length=1, max_length=16)]
+    scheme: Annotated[str, Field(min_length=1, max_length=16)]
+    meaning: Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class ClassConfig(_Section):
+    index: Annotated[int, Field(ge=0)]
+    code: CodeConfig
+    threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
+
+
+class LabelConfig(_Section):
+    value: Annotated[int, Field(ge=1)]
+    label: Annotated[str, Field(min_length=1, max_length=64)]
+    category: CodeConfig
+    type: CodeConfig
+    type_modifier: CodeConfig | None = None
+
+
+class ModelConfig(_Section):
+    """A site's own model from a TorchScript file or a MONAI bundle folder."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    kind: Literal["torchscript", "monai-bundle"] = "torchscript"
+    path: Path
+    version: str | None = None
+    """Required for TorchScript; a MONAI bundle's metadata gives it otherwise."""
+    task: Literal["classification", "segmentation"]
+    modalities: Annotated[list[str], Field(min_length=1)]
+    dims: Literal[2, 3] = 2
+    input_size: list[Annotated[int, Field(ge=1)]] | None = None
+    window: tuple[float, Annotated[float, Field(gt=0)]] | None = None
+    normalize: tuple[float, Annotated[float, Field(gt=0)]] | None = None
+    activation: Literal["softmax", "sigmoid", "none"] = "softmax"
+    classes: list[ClassConfig] = []
+    labels: list[LabelConfig] = []
+    min_slices: Annotated[int, Field(ge=1)] = 1
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    intended_use: str = "Site-supplied model."
+
+    @model_validator(mode="after")
+    def _outputs(self) -> ModelConfig:
+        if self.kind == "torchscript" and not self.version:
+            raise ValueError("version is required for a TorchScript model")
+        if self.task == "classification" and not self.classes:
+            raise ValueError("a classification model needs [[models.classes]] with codes")
+        if self.task == "segmentation" and not self.labels:
+            raise ValueError("a segmentation model needs [[models.labels]] with codes")
+        if self.input_size is not None and len(self.input_size) != self.dims:
+            raise ValueError(f"input_size needs {self.dims} values for dims = {self.dims}")
+        return self
+
+
 class Settings(_Section):
     dicom: DicomSettings = DicomSettings()
     storage: StorageSettings = StorageSettings()
@@ -132,6 +244,7 @@ class Settings(_Section):
     logging: LoggingSettings = LoggingSettings()
     destinations: list[Destination] = []
     routes: list[Route] = []
+    models: list[ModelConfig] = []
 
     @model_validator(mode="after")
     def _references(self) -> Settings:

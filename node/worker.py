@@ -36,6 +36,8 @@ from db.queue import (
 from models.base import Model, ModelError, Prediction, UnsupportedInput, Volume
 from models.registry import ModelFactory, UnknownModel, create
 from node.results import ResultContext, build_seg, build_sr
+from node.results.heatmap import build_heatmap_seg
+from node.results.sc import build_sc
 from node.settings import Settings
 from node.storage import durable_write, result_path
 from node.volume import build_volume
@@ -126,7 +128,8 @@ class Worker:
         finally:
             beating.set()
             beat.join()
-        if complete_job(self.factory, job.id, self.owner, self.clock(), results, seconds):
+        if complete_job(self.factory, job.id, self.owner, self.clock(), results, seconds,
+                        self.kinds(job)):
             log.info("job %d done in %.2f s inference: %d object(s) for %s", job.id, seconds,
                      len(results), ",".join(job.destinations) or "no destination")
         else:
@@ -174,15 +177,38 @@ class Worker:
             algorithm_version=model.algorithm_version, software_version=node.__version__,
             uid_seed=job.uid_seed,
         )
+        wanted = set().union(*self.kinds(job).values()) if job.destinations else {"SEG", "SR"}
+        objects: list[tuple[str, Dataset]] = []
         seg = build_seg(series.sources, prediction, ctx)
-        has_content = prediction.segments or prediction.measurements or prediction.findings
-        sr = build_sr(series.sources, prediction, ctx, seg) if has_content else None
+        if seg is not None:
+            objects.append(("SEG", seg))
+        if prediction.segments or prediction.measurements or prediction.findings:
+            objects.append(("SR", build_sr(series.sources, prediction, ctx, seg)))
+        if "HEATMAP" in wanted and prediction.heatmaps:
+            heatmap = build_heatmap_seg(series.sources, prediction, ctx)
+            if heatmap is not None:
+                objects.append(("HEATMAP", heatmap))
+        if "SC" in wanted:
+            objects += [("SC", ds) for ds in build_sc(series.sources, series.volume,
+                                                       prediction, ctx)]
         specs = []
-        for kind, ds in (("SEG", seg), ("SR", sr)):
-            if ds is None:
-                continue
+        for kind, ds in objects:
             rel = result_path(job.id, kind, str(ds.SOPInstanceUID))
             durable_write(root, rel, encode(ds))
             specs.append(ResultSpec(kind=kind, sop_class_uid=str(ds.SOPClassUID),
                                     sop_instance_uid=str(ds.SOPInstanceUID), path=str(rel)))
         return specs, seconds
+
+    def kinds(self, job: JobRecord) -> dict[str, set[str]]:
+        """The result kinds each destination of ``job`` takes (an SR brings its SEG along)."""
+        out: dict[str, set[str]] = {}
+        for name in job.destinations:
+            objects: set[str]
+            try:
+                objects = set(self.settings.destination(name).objects)
+            except KeyError:
+                objects = {"SEG", "SR"}
+            if "SR" in objects:
+                objects.add("SEG")  # the SR's measurement groups reference the SEG
+            out[name] = objects
+        return out

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import enum
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from highdicom.sr import CodedConcept
 from pydicom import config
+from pydicom.datadict import dictionary_is_retired
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import PYDICOM_ROOT_UID, UID, generate_uid
@@ -69,17 +71,47 @@ _STUDY_KEYWORDS = (
 #: Patient's Sex enumerated values (PS3.3 C.7.1.1).
 _PATIENT_SEX_VALUES = ("M", "F", "O")
 
+#: Spacing attributes whose values must be positive numbers (a ``0\0`` is dropped).
+_SPACING_KEYWORDS = ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing")
+
 
 class ResultKind(enum.StrEnum):
-    """The kinds of result object the node writes; the value is the DICOM Modality."""
+    """The kinds of result object the node writes, one series each.
+
+    The value names the kind in series descriptions and UID derivation; for SEG and
+    SR it is also the DICOM Modality (see :attr:`modality`).
+    """
 
     SEG = "SEG"
+    """BINARY Segmentation of the model's segments."""
     SR = "SR"
+    """TID 1500 measurement report (Comprehensive 3D SR)."""
+    HEATMAP = "HEATMAP"
+    """FRACTIONAL Segmentation of the class-activation heatmaps."""
+    SC = "SC"
+    """Secondary-capture "AI result" images with burned-in overlays and legend."""
+
+    @property
+    def modality(self) -> str:
+        """The DICOM Modality of this kind's objects."""
+        return _MODALITIES[self.value]
 
     @property
     def series_offset(self) -> int:
         """Offset added to ``ResultContext.series_number_base`` for this kind's series."""
-        return 1 if self is ResultKind.SEG else 2
+        return _SERIES_OFFSETS[self.value]
+
+    @property
+    def multi_instance(self) -> bool:
+        """Whether one result of this kind may have several instances (SC images)."""
+        return self is ResultKind.SC
+
+
+#: DICOM Modality per result kind (values of :class:`ResultKind`).
+_MODALITIES = {"SEG": "SEG", "SR": "SR", "HEATMAP": "SEG", "SC": "OT"}
+
+#: Series Number offset per result kind; existing offsets never change.
+_SERIES_OFFSETS = {"SEG": 1, "SR": 2, "HEATMAP": 3, "SC": 4}
 
 
 def derive_uid(prefix: str, *parts: str) -> UID:
@@ -111,12 +143,34 @@ def result_uids(
         raise ValueError("uid seed must not be empty")
     kind = ResultKind(kind)
     series_uid = derive_uid(prefix, "ainode-result", seed, kind.value, "series")
-    sop_uid = derive_uid(prefix, "ainode-result", seed, kind.value, "instance")
-    return series_uid, sop_uid
+    return series_uid, result_instance_uid(seed, kind, 1, prefix)
+
+
+def result_instance_uid(
+    seed: str, kind: ResultKind | str, index: int, prefix: str = DEFAULT_UID_PREFIX
+) -> UID:
+    """SOP Instance UID of instance ``index`` (1-based, its Instance Number) of result ``kind``.
+
+    Index 1 is the instance UID of :func:`result_uids`; every other index of a
+    multi-image result (the secondary-capture images) gets its own UID, the same
+    for the same seed, kind and index. All share the series UID of
+    :func:`result_uids`.
+    """
+    if not seed:
+        raise ValueError("uid seed must not be empty")
+    kind = ResultKind(kind)
+    if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index <= _IS_MAX:
+        raise ValueError(f"instance index must be an int in 1..{_IS_MAX}, got {index!r}")
+    if index == 1:
+        return derive_uid(prefix, "ainode-result", seed, kind.value, "instance")
+    return derive_uid(prefix, "ainode-result", seed, kind.value, "instance", str(index))
 
 
 def series_description(model_name: str, version: str, kind: ResultKind | str) -> str:
-    """Return e.g. ``"AI ct-lung 1.0.0 SEG"``, cut to the 64 characters a LO allows."""
+    """Return e.g. ``"AI ct-lung 1.0.0 SEG"`` or ``"AI cxr-pneumonia 1.0.0 HEATMAP"``.
+
+    The model part is cut so that the whole fits the 64 characters a LO allows.
+    """
     if not model_name.strip() or not version.strip():
         raise ValueError("model name and version must not be empty")
     kind = ResultKind(kind)
@@ -184,6 +238,13 @@ class ResultContext:
         """``(series_instance_uid, sop_instance_uid)`` of this job's result of ``kind``."""
         return result_uids(self.uid_seed, kind, self.uid_prefix)
 
+    def instance_uid(self, kind: ResultKind | str, index: int) -> UID:
+        """SOP Instance UID of image ``index`` (1-based) of this job's result of ``kind``.
+
+        ``instance_uid(kind, 1)`` equals ``uids(kind)[1]``.
+        """
+        return result_instance_uid(self.uid_seed, kind, index, self.uid_prefix)
+
     def series_number(self, kind: ResultKind | str) -> int:
         """Series Number of this job's result of ``kind``."""
         return self.series_number_base + ResultKind(kind).series_offset
@@ -235,23 +296,56 @@ def _is_patient_study_element(ds: Dataset, tag: int) -> bool:
     return keyword in _STUDY_KEYWORDS
 
 
+def _copy_header(ds: Dataset) -> Dataset:
+    """Copy ``ds`` without pixel data and private elements.
+
+    Reading an element converts it and lets pydicom warn about a value invalid for
+    its VR; such a warning may quote the value (patient data), and the patient/study
+    values are checked and fixed afterwards, so those warnings are silenced here.
+    """
+    header = Dataset()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.valuerep")
+        for elem in ds:
+            if elem.tag.is_private or elem.keyword in _BULK_KEYWORDS:
+                continue
+            header.add(copy.deepcopy(elem))
+    return header
+
+
+def _drop_invalid_spacing(header: Dataset) -> None:
+    """Delete a pixel spacing attribute whose values are not two positive numbers.
+
+    Some radiographs carry ``PixelSpacing = 0\\0``; highdicom copies it into a
+    SEG's Pixel Measures, which ``dciodvfy`` rejects. Without it highdicom falls
+    back to the next spacing attribute or leaves Pixel Measures out.
+    """
+    for keyword in _SPACING_KEYWORDS:
+        value = header.get(keyword)
+        if value is None:
+            continue
+        try:
+            pair = [float(v) for v in value] if isinstance(value, MultiValue) else []
+        except (TypeError, ValueError):
+            pair = []
+        if len(pair) != 2 or not all(math.isfinite(v) and v > 0 for v in pair):
+            delattr(header, keyword)
+
+
 def source_headers(sources: Sequence[Dataset]) -> list[Dataset]:
     """Return copies of the sources' headers that highdicom can copy into a valid result.
 
     The copies drop pixel data and private elements (highdicom needs neither), add the Type 2
     patient/study attributes a source lacks as empty values, and empty any
     patient/study value that is invalid for its VR (e.g. PatientAge ``"81"``) or
-    a Patient's Sex outside M/F/O. Valid values are kept unchanged. The caller's
-    datasets are not modified.
+    a Patient's Sex outside M/F/O. A Pixel Spacing, Imager Pixel Spacing or
+    Nominal Scanned Pixel Spacing that is not two positive numbers (``0\\0``) is
+    dropped. Valid values are kept unchanged. The caller's datasets are not modified.
     """
     check_sources(sources)
     headers: list[Dataset] = []
     for ds in sources:
-        header = Dataset()
-        for elem in ds:
-            if elem.tag.is_private or elem.keyword in _BULK_KEYWORDS:
-                continue
-            header.add(copy.deepcopy(elem))
+        header = _copy_header(ds)
         if hasattr(ds, "file_meta"):
             header.file_meta = copy.deepcopy(ds.file_meta)
         for tag in list(header.keys()):
@@ -269,8 +363,37 @@ def source_headers(sources: Sequence[Dataset]) -> list[Dataset]:
         for keyword in _TYPE2_PATIENT_STUDY:
             if keyword not in header:
                 setattr(header, keyword, None)
+        _drop_invalid_spacing(header)
         headers.append(header)
     return headers
+
+
+def _is_retired(tag: int) -> bool:
+    """Whether ``tag`` is a retired standard attribute (unknown tags are not)."""
+    try:
+        return bool(dictionary_is_retired(tag))
+    except KeyError:
+        return False
+
+
+def patient_study_elements(header: Dataset) -> Dataset:
+    """The patient and study attributes of ``header`` (a :func:`source_headers` copy).
+
+    Everything in the patient groups (0010, 0012: Patient, Patient Study, Clinical
+    Trial modules), the General Study attributes a derived object copies, the Study
+    Instance UID and the Specific Character Set, as deep copies; retired attributes
+    (e.g. Other Patient IDs) are left out.
+    """
+    out = Dataset()
+    for elem in header:
+        if elem.tag.is_private or _is_retired(elem.tag):
+            continue
+        if (
+            _is_patient_study_element(header, elem.tag)
+            or elem.keyword in ("StudyInstanceUID", "SpecificCharacterSet")
+        ):
+            out.add(copy.deepcopy(elem))
+    return out
 
 
 def coded(code: Code) -> CodedConcept:

@@ -39,6 +39,7 @@ from node.results.common import (
     ResultContext,
     ResultKind,
     coded,
+    drop_unreadable_pixel_measures,
     no_patient_name_warning,
     source_headers,
 )
@@ -148,28 +149,6 @@ def _identify_local_schemes(seg: Dataset) -> None:
         entry.CodingSchemeResponsibleOrganization = "ainode project"
         items.append(entry)
     seg.CodingSchemeIdentificationSequence = items
-
-
-def drop_unreadable_pixel_measures(seg: Dataset) -> None:
-    """Remove a shared Pixel Measures item without Slice Thickness from a SEG without a frame
-    of reference (a SEG of a projection radiograph).
-
-    highdicom writes Pixel Spacing alone for such a SEG, which the standard allows
-    (Slice Thickness is required only with a Frame of Reference, PS3.3 C.7.6.16.2.1,
-    CP 1426), but its own reader (``segread``) then fails with "Sequence does not
-    have the required attributes for a Pixel Measures Sequence". The SEG has the
-    source's matrix, so a viewer needs no spacing to overlay it; without the item
-    ``dciodvfy`` still reports zero errors.
-    """
-    if "FrameOfReferenceUID" in seg:
-        return
-    shared = seg.get("SharedFunctionalGroupsSequence")
-    if not shared or "PixelMeasuresSequence" not in shared[0]:
-        return
-    measures = shared[0].PixelMeasuresSequence
-    if len(measures) == 1 and "SliceThickness" in measures[0]:
-        return
-    del shared[0].PixelMeasuresSequence
 
 
 def build_heatmap_seg(

@@ -15,6 +15,7 @@ from node.results.common import (
     ResultContext,
     ResultKind,
     coded,
+    drop_unreadable_pixel_measures,
     no_patient_name_warning,
     source_headers,
 )
@@ -172,4 +173,5 @@ def build_seg(
             omit_empty_frames=True,
         )
     _add_patient_orientation(seg, headers[0])
+    drop_unreadable_pixel_measures(seg)
     return seg

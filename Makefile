@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages the tests need: executable -> package
-SYSTEM_DEPS := /usr/sbin/Orthanc:orthanc /usr/bin/storescu:dcmtk /usr/bin/dciodvfy:dicom3tools
+SYSTEM_DEPS := /usr/sbin/Orthanc:orthanc /usr/bin/storescu:dcmtk /usr/bin/dciodvfy:dicom3tools \
+  /usr/lib/postgresql/15/bin/postgres:postgresql-15 \
+  /usr/bin/chromium:chromium /usr/bin/systemd-analyze:systemd
 
 .PHONY: run test lint typecheck pytest system-deps venv clean
 

@@ -148,42 +148,48 @@ def record_instance(factory: SessionFactory, meta: InstanceMeta, now: datetime) 
     same study or series: the loser's unique-constraint error is retried once the
     winner's row is visible.
     """
+    return record_instances(factory, [meta], now)[0]
+
+
+def record_instances(factory: SessionFactory, metas: Sequence[InstanceMeta], now: datetime
+                     ) -> list[bool]:
+    """Record a batch of stored instances in one transaction (see :func:`record_instance`)."""
     for attempt in range(INGEST_RETRIES):
         try:
-            return _record_instance(factory, meta, now)
+            with factory.begin() as s:
+                return [_add_instance(s, meta, now) for meta in metas]
         except IntegrityError:
             if attempt == INGEST_RETRIES - 1:
                 raise
     raise AssertionError("unreachable")
 
 
-def _record_instance(factory: SessionFactory, meta: InstanceMeta, now: datetime) -> bool:
-    with factory.begin() as s:
-        if s.scalar(select(Instance.id).where(Instance.sop_uid == meta.sop_uid)) is not None:
-            return False
-        study = s.scalar(_locked(s, select(Study).where(Study.study_uid == meta.study_uid)))
-        if study is None:
-            study = Study(study_uid=meta.study_uid, accession_number=meta.accession_number,
-                          first_received_at=now, last_received_at=now, runs=0)
-            s.add(study)
-            s.flush()
-        study.last_received_at = now
-        series = s.scalar(_locked(s, select(Series).where(Series.series_uid == meta.series_uid)))
-        if series is None:
-            series = Series(study_id=study.id, series_uid=meta.series_uid, modality=meta.modality,
-                            sop_class_uid=meta.sop_class_uid, body_part=meta.body_part,
-                            series_description=meta.series_description,
-                            series_number=meta.series_number, instance_count=0,
-                            last_received_at=now, pending=True, runs=0)
-            s.add(series)
-            s.flush()
-        series.instance_count += 1
-        series.last_received_at = now
-        series.pending = True
-        s.add(Instance(series_id=series.id, sop_uid=meta.sop_uid,
-                       sop_class_uid=meta.sop_class_uid, transfer_syntax=meta.transfer_syntax,
-                       path=meta.path, size=meta.size, calling_ae=meta.calling_ae,
-                       received_at=now))
+def _add_instance(s: Session, meta: InstanceMeta, now: datetime) -> bool:
+    if s.scalar(select(Instance.id).where(Instance.sop_uid == meta.sop_uid)) is not None:
+        return False
+    study = s.scalar(_locked(s, select(Study).where(Study.study_uid == meta.study_uid)))
+    if study is None:
+        study = Study(study_uid=meta.study_uid, accession_number=meta.accession_number,
+                      first_received_at=now, last_received_at=now, runs=0)
+        s.add(study)
+        s.flush()
+    study.last_received_at = now
+    series = s.scalar(_locked(s, select(Series).where(Series.series_uid == meta.series_uid)))
+    if series is None:
+        series = Series(study_id=study.id, series_uid=meta.series_uid, modality=meta.modality,
+                        sop_class_uid=meta.sop_class_uid, body_part=meta.body_part,
+                        series_description=meta.series_description,
+                        series_number=meta.series_number, instance_count=0,
+                        last_received_at=now, pending=True, runs=0)
+        s.add(series)
+        s.flush()
+    series.instance_count += 1
+    series.last_received_at = now
+    series.pending = True
+    s.add(Instance(series_id=series.id, sop_uid=meta.sop_uid,
+                   sop_class_uid=meta.sop_class_uid, transfer_syntax=meta.transfer_syntax,
+                   path=meta.path, size=meta.size, calling_ae=meta.calling_ae,
+                   received_at=now))
     return True
 
 

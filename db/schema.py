@@ -46,6 +46,8 @@ class JobStatus(enum.StrEnum):
 
 class ResultStatus(enum.StrEnum):
     PENDING = "pending"
+    SENDING = "sending"
+    """Claimed by one sender (lease owner) until it records the outcome or its lease expires."""
     SENT = "sent"
     FAILED = "failed"
 
@@ -159,6 +161,8 @@ class Result(Base):
     status: Mapped[ResultStatus] = mapped_column(_enum(ResultStatus, "result_status"))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime]
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None]
     created_at: Mapped[datetime]
     sent_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)

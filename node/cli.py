@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from node.admin import cli as ops
 from node.errors import ConfigError
 from node.settings import CONFIG_ENV, Settings, load_settings
 
@@ -22,6 +23,11 @@ db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
 models_app = typer.Typer(help="Installed models.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
+app.command()(ops.status)
+app.command("hash-secret")(ops.hash_secret)
+app.add_typer(ops.jobs_app, name="jobs")
+app.add_typer(ops.studies_app, name="studies")
+app.add_typer(ops.destinations_app, name="destinations")
 err = Console(stderr=True)
 
 ConfigOption = Annotated[
@@ -57,9 +63,9 @@ def worker(config: ConfigOption = None,
     """Run one inference worker (serve starts workers.count of these)."""
     from db.engine import make_engine, make_session_factory
     from db.queue import requeue_expired
-    from models.registry import discover
     from node.clock import utcnow
     from node.logs import configure
+    from node.plugins import available_models
     from node.worker import Worker, resolve_device
 
     settings = _settings(config)
@@ -73,17 +79,24 @@ def worker(config: ConfigOption = None,
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    Worker(settings=settings, factory=factory, registry=discover(), clock=utcnow,
+    Worker(settings=settings, factory=factory, registry=available_models(settings), clock=utcnow,
            device=resolve_device(device or settings.workers.device)).run(stop)
 
 
 @app.command("check-config")
 def check_config(path: Annotated[Path, typer.Argument(help="TOML configuration file.")]) -> None:
     """Validate a configuration file without serving."""
-    from models.registry import discover
+    from models.base import ModelError
+    from node.plugins import available_models
 
     settings = _settings(path)
-    known = discover()
+    try:
+        known = available_models(settings)
+        for model in settings.models:  # checks the weights file and its hash
+            known[model.name]()
+    except (ConfigError, ModelError, ValueError) as exc:
+        err.print(f"[red]configuration error:[/red] {path}: models: {exc}")
+        raise typer.Exit(2) from None
     missing = sorted({m for r in settings.routes for m in r.models} - set(known))
     if missing:
         err.print(f"[red]configuration error:[/red] {path}: routes name unknown model(s) "
@@ -127,26 +140,25 @@ def echo(destination: Annotated[str, typer.Argument(help="Destination name from 
 def models_list(config: ConfigOption = None,
                 as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the installed models with version and accepted input."""
-    from models.registry import create, discover
+    from node.plugins import available_models
     from node.worker import resolve_device
 
     settings = _settings(config)
     device = resolve_device(settings.workers.device)
-    rows = []
-    for name in sorted(discover()):
-        model = create(name)
+    rows: list[dict[str, str]] = []
+    for name, factory in sorted(available_models(settings).items()):
+        model = factory()
         spec = model.input_spec
         rows.append({"name": name, "version": model.version,
-                     "modalities": list(spec.modalities), "min_slices": spec.min_slices,
+                     "algorithm_version": model.algorithm_version,
+                     "accepts": f"{','.join(spec.modalities)} (>= {spec.min_slices} image(s))",
                      "device": device, "intended_use": model.intended_use})
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
     table = Table("model", "version", "accepts", "device")
     for row in rows:
-        table.add_row(str(row["name"]), str(row["version"]),
-                      f"{','.join(row['modalities'])} (>= {row['min_slices']} image(s))",  # type: ignore[arg-type]
-                      str(row["device"]))
+        table.add_row(row["name"], row["algorithm_version"], row["accepts"], row["device"])
     Console().print(table)
 
 

@@ -9,6 +9,7 @@ Everything else happens later, off the association.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -38,8 +39,11 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from db.queue import InstanceMeta, SessionFactory, instance_known, record_instance
 from node.errors import InvalidInstance, StorageError
+from node.ingest import Ingest
+from node.metrics import ASSOCIATIONS
 from node.settings import DicomSettings, StorageSettings
 from node.storage import StorageFull, check_uid, durable_write, ensure_free_space, instance_path
+from node.tls import server_context
 
 log = logging.getLogger("ainode.scp")
 
@@ -90,19 +94,66 @@ class StoreContext:
     storage: StorageSettings
     factory: SessionFactory
     clock: Callable[[], datetime]
+    ingest: Ingest | None = None
+    """The journal-first durable path; without it each instance is written and committed inline."""
+
+
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+INT32_MAX = 2**31 - 1
+MAX_PIXEL_BYTES = 2**33
+"""Larger declared pixel data (8 GiB) is refused as absurd before anything is written."""
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str:
-    value = ds.get(keyword, "")
-    return str(value or "").strip()[:limit]
+    """A value as text fit for the database: no NULs or control characters, at most ``limit``."""
+    try:
+        value = ds.get(keyword, "")
+        return CONTROL_CHARS.sub("", str(value or "")).strip()[:limit]
+    except Exception:  # undecodable text (bad character set, bad VR): informational only
+        return ""
 
 
 def _int_or_none(ds: Dataset, keyword: str) -> int | None:
     try:
         value = ds.get(keyword)
-        return None if value in (None, "") else int(value)
+        number = None if value in (None, "") else int(value)
     except (TypeError, ValueError):
         return None
+    return number if number is None or abs(number) <= INT32_MAX else None
+
+
+def check_pixel_data(ds: Dataset, transfer_syntax: str) -> None:
+    """Refuse an image whose pixel data is missing, absurd or shorter than its header declares.
+
+    Cheap: only lengths are compared, nothing is decoded. Encapsulated (compressed)
+    pixel data cannot be sized without decoding; it only has to be present.
+    """
+    try:
+        if "PixelData" not in ds:
+            raise InvalidInstance("image without Pixel Data")
+        rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        bits = int(ds.get("BitsAllocated") or 0)
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except InvalidInstance:
+        raise
+    except Exception as exc:
+        raise InvalidInstance(f"cannot decode image attributes: {type(exc).__name__}") from exc
+    if min(rows, columns, samples, frames) < 1 or bits not in (1, 8, 16, 32, 64):
+        raise InvalidInstance(f"absurd image size {rows}x{columns}x{frames}, "
+                              f"{samples} sample(s) of {bits} bits")
+    expected = (rows * columns * samples * frames * bits + 7) // 8
+    if expected > MAX_PIXEL_BYTES:
+        raise InvalidInstance(f"absurd image size {rows}x{columns}x{frames} ({expected} bytes)")
+    if uid.UID(transfer_syntax).is_compressed:
+        return
+    try:
+        length = len(ds.PixelData or b"")
+    except Exception as exc:
+        raise InvalidInstance(f"cannot read Pixel Data: {type(exc).__name__}") from exc
+    if length < expected:
+        raise InvalidInstance(f"pixel data is {length} bytes, {rows}x{columns}x{frames} "
+                              f"needs {expected}")
 
 
 def read_meta(ds: Dataset, affected_sop_class: str, affected_sop_instance: str) -> InstanceMeta:
@@ -142,14 +193,20 @@ def handle_store(event: Any, ctx: StoreContext) -> int:
         except Exception as exc:
             raise InvalidInstance(f"cannot decode dataset: {type(exc).__name__}") from exc
         meta = read_meta(ds, str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID))
+        check_pixel_data(ds, str(event.context.transfer_syntax))
         if instance_known(ctx.factory, meta.sop_uid):
             log.info("duplicate instance sop=%s from %s: already stored", meta.sop_uid, calling)
             return STATUS_SUCCESS
         rel = instance_path(meta.study_uid, meta.series_uid, meta.sop_uid)
-        size = durable_write(ctx.storage.dir, rel, event.encoded_dataset(include_meta=True))
+        data = event.encoded_dataset(include_meta=True)
         meta = replace(meta, transfer_syntax=str(event.context.transfer_syntax), path=str(rel),
-                       size=size, calling_ae=calling)
-        if not record_instance(ctx.factory, meta, ctx.clock()):
+                       size=len(data), calling_ae=calling)
+        if ctx.ingest is not None:
+            new = ctx.ingest.store(meta, data)  # durable in the journal when it returns
+        else:
+            durable_write(ctx.storage.dir, rel, data)
+            new = record_instance(ctx.factory, meta, ctx.clock())
+        if not new:
             log.info("duplicate instance sop=%s from %s: stored concurrently", meta.sop_uid,
                      calling)
         return STATUS_SUCCESS
@@ -177,12 +234,14 @@ def handle_echo(event: Any) -> int:
 
 
 def handle_rejected(event: Any) -> None:
+    ASSOCIATIONS.labels("rejected").inc()
     assoc = event.assoc
     log.warning("association rejected from %s:%s calling AE %r", assoc.requestor.address,
                 assoc.requestor.port, str(assoc.requestor.ae_title).strip())
 
 
 def handle_accepted(event: Any) -> None:
+    ASSOCIATIONS.labels("accepted").inc()
     r = event.assoc.requestor
     log.info("association accepted from %s:%s calling AE %r", r.address, r.port,
              str(r.ae_title).strip())
@@ -226,7 +285,10 @@ def start_scp(dicom: DicomSettings, ctx: StoreContext) -> ThreadedAssociationSer
         (evt.EVT_REJECTED, handle_rejected),
         (evt.EVT_ACCEPTED, handle_accepted),
     ]
-    server = ae.start_server((dicom.host, dicom.port), block=False, evt_handlers=handlers)
+    ssl_context = server_context(dicom.tls) if dicom.tls.enabled else None
+    server = ae.start_server((dicom.host, dicom.port), block=False, evt_handlers=handlers,
+                             ssl_context=ssl_context)
     assert server is not None  # block=False always returns the server
-    log.info("SCP %s listening on %s:%d", dicom.ae_title, dicom.host, dicom.port)
+    log.info("SCP %s listening on %s:%d%s", dicom.ae_title, dicom.host, dicom.port,
+             " (TLS)" if ssl_context else "")
     return server

@@ -1,15 +1,20 @@
 """Deliver the outbox: C-STORE each pending result to its destination, with retries.
 
-A success is recorded as soon as the destination acknowledges it, so nothing is
-sent twice after a restart; the one window (a crash between the acknowledgement
-and the commit) resends an object with the same SOP Instance UID, which the
-PACS overwrites.
+A sender first claims the rows it sends (status ``sending`` with a lease), so
+several nodes sharing one database never send one result twice. A success is
+recorded as soon as the destination acknowledges it, so nothing is sent twice
+after a restart; the one window (a crash between the acknowledgement and the
+commit, after which the lease expires) resends an object with the same SOP
+Instance UID, which the PACS overwrites.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import socket
+import ssl
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,15 +24,18 @@ from typing import Any
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
-from db.queue import ResultRecord, SessionFactory, due_results, mark_send_failed, mark_sent
+from db.queue import ResultRecord, SessionFactory, claim_results, mark_send_failed, mark_sent
 from node.errors import SendError
 from node.scp import VERIFICATION
-from node.settings import Destination, SendSettings, Settings
+from node.settings import Destination, SendSettings, Settings, TLSSettings
+from node.tls import client_context
 
 log = logging.getLogger("ainode.sender")
 
 # Statuses that will not change by retrying: the destination refuses this object.
 PERMANENT_STATUSES = frozenset({0x0122, 0x0124, 0x0211, 0x0117})
+CLAIM_BATCH = 16
+"""Results claimed per round; the lease covers one network timeout per result."""
 
 
 @dataclass(frozen=True)
@@ -51,11 +59,23 @@ def _ae(calling: str, timeout: float) -> AE:
     return ae
 
 
-def echo(dest: Destination, calling: str, timeout: float = 10.0) -> EchoResult:
-    """C-ECHO a destination."""
+def tls_args(dest: Destination, own: TLSSettings) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's ``tls_args`` for ``dest``: None unless its ``tls.enabled``."""
+    if not dest.tls.enabled:
+        return None
+    return client_context(dest.tls, own), dest.host
+
+
+def _associate(ae: AE, dest: Destination, tls: tuple[ssl.SSLContext, str] | None) -> Any:
+    return ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
+
+
+def echo(dest: Destination, calling: str, timeout: float = 10.0,
+         own_tls: TLSSettings | None = None) -> EchoResult:
+    """C-ECHO a destination (over TLS when its ``tls.enabled``)."""
     ae = _ae(dest.calling_ae_title or calling, timeout)
     ae.add_requested_context(VERIFICATION)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    assoc = _associate(ae, dest, tls_args(dest, own_tls or TLSSettings()))
     if not assoc.is_established:
         return EchoResult(False, f"association with {dest.ae_title}@{dest.host}:{dest.port} "
                                  "rejected, aborted or never connected")
@@ -86,12 +106,13 @@ def _store(assoc: Any, path: str) -> None:
 
 def deliver(dest: Destination, calling: str, results: Sequence[ResultRecord], root: str,
             timeout: float, on_sent: Callable[[ResultRecord], None],
-            on_failed: Callable[[ResultRecord, SendError], None]) -> None:
-    """Send ``results`` to one destination over one association."""
+            on_failed: Callable[[ResultRecord, SendError], None],
+            tls: tuple[ssl.SSLContext, str] | None = None) -> None:
+    """Send ``results`` to one destination over one association (TLS with ``tls``)."""
     ae = _ae(dest.calling_ae_title or calling, timeout)
     for sop_class in sorted({r.sop_class_uid for r in results}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    assoc = _associate(ae, dest, tls)
     if not assoc.is_established:
         error = SendError(f"cannot associate with {dest.ae_title}@{dest.host}:{dest.port}")
         for result in results:
@@ -113,9 +134,16 @@ def deliver(dest: Destination, calling: str, results: Sequence[ResultRecord], ro
             assoc.release()
 
 
-def send_due(settings: Settings, factory: SessionFactory, clock: Callable[[], datetime]) -> int:
-    """Send every due result; return how many were acknowledged."""
-    pending = due_results(factory, clock())
+def sender_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:sender"
+
+
+def send_due(settings: Settings, factory: SessionFactory, clock: Callable[[], datetime],
+             owner: str | None = None) -> int:
+    """Claim and send a batch of due results; return how many were acknowledged."""
+    owner = owner or sender_owner()
+    lease = settings.send.timeout_seconds * (CLAIM_BATCH + 3)
+    pending = claim_results(factory, owner, clock(), lease, limit=CLAIM_BATCH)
     if not pending:
         return 0
     by_dest: dict[str, list[ResultRecord]] = defaultdict(list)
@@ -125,7 +153,7 @@ def send_due(settings: Settings, factory: SessionFactory, clock: Callable[[], da
 
     def on_sent(result: ResultRecord) -> None:
         nonlocal sent
-        mark_sent(factory, result.id, clock())
+        mark_sent(factory, result.id, clock(), owner)
         sent += 1
         log.info("result %d (%s sop=%s) acknowledged by %s", result.id, result.kind,
                  result.sop_instance_uid, result.destination)
@@ -135,7 +163,7 @@ def send_due(settings: Settings, factory: SessionFactory, clock: Callable[[], da
         retry_at = (now + timedelta(seconds=backoff(result.attempts + 1, settings.send))
                     if exc.retryable else None)
         status = mark_send_failed(factory, result.id, now, str(exc), retry_at=retry_at,
-                                  max_attempts=settings.send.max_attempts)
+                                  max_attempts=settings.send.max_attempts, owner=owner)
         log.warning("result %d (%s sop=%s) to %s failed (attempt %d): %s; now %s",
                     result.id, result.kind, result.sop_instance_uid, result.destination,
                     result.attempts + 1, exc, status.value)
@@ -149,5 +177,6 @@ def send_due(settings: Settings, factory: SessionFactory, clock: Callable[[], da
                                             retryable=False))
             continue
         deliver(dest, settings.dicom.ae_title, results, str(settings.storage.dir),
-                settings.send.timeout_seconds, on_sent, on_failed)
+                settings.send.timeout_seconds, on_sent, on_failed,
+                tls_args(dest, settings.dicom.tls))
     return sent

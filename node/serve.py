@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +16,9 @@ from sqlalchemy import Engine
 
 from db.engine import make_engine, make_session_factory
 from db.migrate import upgrade
+from node.admin.server import listening, start_admin
 from node.clock import utcnow
+from node.ingest import Ingest, journal_dir, replay
 from node.scheduler import make_scheduler
 from node.scp import StoreContext, start_scp
 from node.settings import Settings
@@ -92,7 +95,12 @@ def serve(settings: Settings, config_path: Path | None, stop_timeout: float = 60
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    server = start_scp(settings.dicom, StoreContext(settings.storage, factory, utcnow))
+    journal = journal_dir(settings.storage.dir, f"{socket.gethostname()}-{settings.dicom.port}")
+    replay(settings.storage.dir, journal, factory)
+    ingest = Ingest(settings.storage.dir, journal, factory, utcnow)
+    ingest.start()
+    server = start_scp(settings.dicom, StoreContext(settings.storage, factory, utcnow, ingest))
+    admin = start_admin(settings, factory, scp_listening=listening(server))
     scheduler = make_scheduler(settings, factory, utcnow)
     pool = WorkerPool(settings.workers.count, config_path)
     scheduler.add_job(pool.supervise, "interval", seconds=2, id="supervise-workers")
@@ -104,7 +112,10 @@ def serve(settings: Settings, config_path: Path | None, stop_timeout: float = 60
     try:
         stop.wait()
     finally:
+        if admin is not None:
+            admin.stop()
         server.shutdown()
+        ingest.stop()
         pool.stop(stop_timeout)
         scheduler.shutdown(wait=True)
         engine.dispose()

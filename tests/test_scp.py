@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.schema import Instance
 from node.clock import utcnow
+from node.ingest import Ingest, journal_dir
 from node.scp import StoreContext, start_scp
 from node.settings import DicomSettings, StorageSettings
 from tests.peers import CHEST_CT, SAMPLES, echoscu, free_port, storescu
@@ -22,25 +24,48 @@ from tests.peers import CHEST_CT, SAMPLES, echoscu, free_port, storescu
 Factory = sessionmaker[Session]
 
 
-def serve(tmp_path: Path, factory: Factory, **dicom: object) -> tuple[int, StorageSettings,
-                                                                      ThreadedAssociationServer]:
+def serve(tmp_path: Path, factory: Factory, ingest: Ingest | None = None, **dicom: object
+          ) -> tuple[int, StorageSettings, ThreadedAssociationServer]:
     port = free_port()
     storage = StorageSettings(dir=tmp_path / "store", min_free_mb=int(dicom.pop("min_free", 1)))
     settings = DicomSettings(host="127.0.0.1", port=port, **dicom)  # type: ignore[arg-type]
-    server = start_scp(settings, StoreContext(storage, factory, utcnow))
+    server = start_scp(settings, StoreContext(storage, factory, utcnow, ingest))
     return port, storage, server
 
 
-@pytest.fixture
-def scp(tmp_path: Path, factory: Factory) -> Iterator[tuple[int, StorageSettings]]:
-    port, storage, server = serve(tmp_path, factory)
+@pytest.fixture(params=["journal", "inline"])
+def scp(request: pytest.FixtureRequest, tmp_path: Path, factory: Factory
+        ) -> Iterator[tuple[int, StorageSettings]]:
+    """The SCP with the journal-first ingest (as ``serve`` runs it) and with inline writes."""
+    ingest = None
+    if request.param == "journal":
+        root = tmp_path / "store"
+        ingest = Ingest(root, journal_dir(root, "test"), factory, utcnow)
+        ingest.start()
+    port, storage, server = serve(tmp_path, factory, ingest)
     yield port, storage
     server.shutdown()
+    if ingest is not None:
+        ingest.stop()
+        assert not list((tmp_path / "store" / "journal").rglob("*.journal"))
+
+
+def _rows(factory: Factory) -> int:
+    with factory() as s:
+        return int(s.scalar(select(func.count()).select_from(Instance)) or 0)
 
 
 def count(factory: Factory) -> int:
-    with factory() as s:
-        return int(s.scalar(select(func.count()).select_from(Instance)) or 0)
+    """Instance rows once the ingest thread has caught up (it commits in batches)."""
+    deadline = time.monotonic() + 5
+    value = _rows(factory)
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = _rows(factory)
+        if now == value:
+            return now
+        value = now
+    return value
 
 
 def test_stores_series_durably_as_received(scp: tuple[int, StorageSettings],

@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
+import db.audit  # noqa: F401  (registers the audit and presence tables)
 from db.engine import make_engine
 from db.schema import Base
 

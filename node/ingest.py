@@ -1,0 +1,195 @@
+"""Durable ingest behind the C-STORE handler: journal first, files and rows right after.
+
+:meth:`Ingest.store` returns only when the instance is durable in the journal
+(one group-committed flush). A background thread writes the instance file and
+commits the rows in batches. A journal segment is deleted once a file-system
+sync has made the files it covers durable. :func:`replay` re-applies leftover
+segments at start-up, so an acknowledged instance is never lost, whatever
+moment a crash hits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from db.queue import InstanceMeta, SessionFactory, instance_known, record_instances
+from node.journal import Segment, Ticket, read_segment, segments
+from node.storage import durable_write
+
+log = logging.getLogger("ainode.ingest")
+JOURNAL = "journal"
+BATCH = 64
+BATCH_SECONDS = 0.05
+
+
+def _write_file(root: Path, rel: Path, data: bytes | memoryview) -> None:
+    """Write a file atomically (temp + rename), without a flush: the journal covers it."""
+    folder = root / rel.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{rel.name}.{uuid.uuid4().hex}.tmp"
+    with tmp.open("wb") as handle:
+        handle.write(data)
+    os.replace(tmp, root / rel)
+
+
+@dataclass
+class _Open:
+    """A segment and how many of its records still wait to be materialized."""
+
+    segment: Segment
+    outstanding: int = 0
+    sealed: bool = False
+
+
+def journal_dir(root: Path, node_id: str) -> Path:
+    """This node's journal folder: nodes sharing a storage folder never touch each other's."""
+    return root / JOURNAL / node_id
+
+
+@dataclass
+class Ingest:
+    root: Path
+    journal: Path
+    factory: SessionFactory
+    clock: Callable[[], datetime]
+    segment_bytes: int = 512 * 1024 * 1024
+    max_queue: int = 128
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _pending: set[str] = field(default_factory=set)
+    _current: _Open | None = None
+    _segments: dict[Path, _Open] = field(default_factory=dict)
+    _queue: queue.Queue[tuple[InstanceMeta, bytes, Path] | None] = field(
+        default_factory=queue.Queue)
+    _thread: threading.Thread | None = None
+    _failed: BaseException | None = None
+
+    def start(self) -> None:
+        self._queue = queue.Queue(self.max_queue)
+        self._thread = threading.Thread(target=self._run, name="ingest", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Drain the queue, make everything durable and remove the journal segments."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        with self._lock:
+            if self._current is not None:
+                self._current.sealed = True
+            self._current = None
+        self._retire()
+
+    # --- called by C-STORE handler threads ------------------------------------------
+
+    def store(self, meta: InstanceMeta, data: bytes) -> bool:
+        """Make the instance durable; False when its SOP Instance UID is already stored."""
+        if self._failed is not None:
+            raise RuntimeError(f"ingest stopped after an error: {self._failed}")
+        with self._lock:
+            if meta.sop_uid in self._pending:
+                return False
+            self._pending.add(meta.sop_uid)
+        try:
+            if instance_known(self.factory, meta.sop_uid):
+                with self._lock:
+                    self._pending.discard(meta.sop_uid)
+                return False
+            opened, ticket = self._append(meta, data)
+            opened.segment.wait_durable(ticket)
+        except BaseException:
+            with self._lock:
+                self._pending.discard(meta.sop_uid)
+            raise
+        self._queue.put((meta, data, opened.segment.path))
+        return True
+
+    def _append(self, meta: InstanceMeta, data: bytes) -> tuple[_Open, Ticket]:
+        header = {**asdict(meta), "received_at": self.clock().isoformat()}
+        with self._lock:
+            opened = self._current
+            if opened is None or not opened.segment.fits(len(data) + 4096):
+                if opened is not None:
+                    opened.sealed = True
+                size = max(self.segment_bytes, len(data) + 65536)
+                opened = _Open(Segment(self.journal, size))
+                self._segments[opened.segment.path] = opened
+                self._current = opened
+            opened.outstanding += 1
+        return opened, opened.segment.append(header, data)
+
+    # --- the materializer thread --------------------------------------------------------
+
+    def _run(self) -> None:
+        done = False
+        while not done:
+            item = self._queue.get()
+            batch = []
+            deadline = time.monotonic() + BATCH_SECONDS
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= BATCH:
+                    break
+                try:  # gather a batch: one database commit (one flush) for many instances
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+            done = item is None
+            if batch:
+                try:
+                    self._materialize(batch)
+                except BaseException as exc:  # keep the journal: replay will finish the job
+                    log.exception("ingest: cannot write %d instance(s): %s", len(batch), exc)
+                    self._failed = exc
+                    return
+            self._retire()
+
+    def _materialize(self, batch: list[tuple[InstanceMeta, bytes, Path]]) -> None:
+        for meta, data, _ in batch:
+            _write_file(self.root, Path(meta.path), data)
+        record_instances(self.factory, [meta for meta, _, _ in batch], self.clock())
+        with self._lock:
+            for meta, _, path in batch:
+                self._pending.discard(meta.sop_uid)
+                self._segments[path].outstanding -= 1
+
+    def _retire(self) -> None:
+        """Delete sealed segments whose records are all in files and rows, after a sync."""
+        with self._lock:
+            done = [o for o in self._segments.values() if o.sealed and o.outstanding == 0]
+        if not done:
+            return
+        os.sync()  # the files written without a flush are now on disk
+        with self._lock:
+            for opened in done:
+                opened.segment.close()
+                opened.segment.path.unlink(missing_ok=True)
+                del self._segments[opened.segment.path]
+
+
+def replay(root: Path, journal: Path, factory: SessionFactory) -> int:
+    """Re-apply the records of leftover journal segments (after a crash); return how many."""
+    count = 0
+    for path in segments(journal):
+        for header, payload in read_segment(path):
+            received = datetime.fromisoformat(str(header.pop("received_at")))
+            meta = InstanceMeta(**header)  # type: ignore[arg-type]
+            # The file may be missing or incomplete (written without a flush): rewrite it.
+            durable_write(root, Path(meta.path), payload)
+            if not instance_known(factory, meta.sop_uid):
+                record_instances(factory, [meta], received)
+            count += 1
+        os.sync()
+        path.unlink()
+    if count:
+        log.info("journal replay: %d instance(s) re-applied after an unclean stop", count)
+    return count

@@ -165,6 +165,7 @@ class Worker:
     def _execute(self, job: JobRecord) -> tuple[list[ResultSpec], float]:
         model = self.model(job.model)
         root = self.settings.storage.dir
+        loading = time.monotonic()
         paths = series_instance_paths(self.factory, job.series_id)
         datasets = [dcmread(root / p) for p in paths]
         series = build_volume(datasets)
@@ -197,6 +198,9 @@ class Worker:
             durable_write(root, rel, encode(ds))
             specs.append(ResultSpec(kind=kind, sop_class_uid=str(ds.SOPClassUID),
                                     sop_instance_uid=str(ds.SOPInstanceUID), path=str(rel)))
+        log.info("job %d timings: load %.3f s, inference %.3f s, encode %.3f s (%d images)",
+                 job.id, started - loading, seconds, time.monotonic() - started - seconds,
+                 len(datasets))
         return specs, seconds
 
     def kinds(self, job: JobRecord) -> dict[str, set[str]]:

@@ -129,9 +129,9 @@ def _shift_max(x: torch.Tensor, dim: int) -> torch.Tensor:
     out = x.clone()
     if n > 1:
         head = out.narrow(dim, 1, n - 1)
-        head.copy_(torch.maximum(head, x.narrow(dim, 0, n - 1)))
+        torch.maximum(head, x.narrow(dim, 0, n - 1), out=head)
         tail = out.narrow(dim, 0, n - 1)
-        tail.copy_(torch.maximum(tail, x.narrow(dim, 1, n - 1)))
+        torch.maximum(tail, x.narrow(dim, 1, n - 1), out=tail)
     return out
 
 
@@ -139,7 +139,12 @@ def _max_filter(x: torch.Tensor, dims: Sequence[int], box: bool = True) -> torch
     """3-wide max filter over ``dims``: a full box (8/26-neighbours) or a cross (4/6)."""
     out = x
     for dim in dims:
-        out = _shift_max(out, dim) if box else torch.maximum(out, _shift_max(x, dim))
+        if box:
+            out = _shift_max(out, dim)
+        elif out is x:
+            out = _shift_max(x, dim)
+        else:
+            torch.maximum(out, _shift_max(x, dim), out=out)
     return out
 
 
@@ -155,61 +160,44 @@ def _erode(mask: torch.Tensor, dims: Sequence[int], radius: int) -> torch.Tensor
     return ~_dilate(~mask, dims, radius)
 
 
-_RUN_SHIFT = 32
-"""Bit offset of the run id above the label in the keys of :func:`_spread_runs`."""
-
-
-def _run_keys(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ids along the last dim (forward and backward), shifted above the label bits.
-
-    A new id starts at every background voxel and at every first voxel of a run, so ids
-    never decrease along the dim and every run of ``mask`` has its own id.
-    """
-    keys = []
-    for part in (mask, mask.flip(-1)):
-        previous = torch.zeros_like(part)
-        previous[..., 1:] = part[..., :-1]
-        keys.append(torch.cumsum(~(part & previous), dim=-1) << _RUN_SHIFT)
-    return keys[0], keys[1]
-
-
-def _spread_runs(labels: torch.Tensor, keys: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Give every voxel of a run along the last dim the largest label of its run.
-
-    A cumulative maximum of (run id, label) keys restarts at each run because the run id
-    grows; background voxels keep label 0. Forward, then backward.
-    """
-    low = (1 << _RUN_SHIFT) - 1
-    forward = torch.cummax(keys[0] | labels, dim=-1).values & low
-    backward = torch.cummax(keys[1] | forward.flip(-1), dim=-1).values & low
-    return backward.flip(-1)
+_JUMPS = 2
+"""Pointer jumps per iteration of :func:`_label`."""
 
 
 def _label(mask: torch.Tensor, dims: Sequence[int], box: bool = True) -> torch.Tensor:
     """Connected components of ``mask`` over ``dims`` (which include the last two); 0 is
     background.
 
-    Every voxel starts with its own flat index + 1. Each iteration spreads the largest
-    label along the rows and columns (whole runs at once), takes the maximum over the
-    neighbourhood (box or cross) and jumps once through the label table (a voxel whose
-    label points at voxel u takes u's label). At convergence every component carries the
-    largest index it contains, after a few iterations on typical anatomy. Labels are
-    unique across the whole tensor, not consecutive; components in different slices stay
-    separate when ``dims`` leaves the slice axis out.
+    Label equivalence with hooking and pointer jumping, all in whole-tensor operations:
+    every voxel starts with its own flat index + 1 as its label, which points at a voxel
+    of its component (its representative). Each iteration takes the maximum label over
+    the neighbourhood (box or cross), raises both the voxel's label and its
+    representative's label to it (a scatter maximum, so a whole partial component moves
+    at once), then jumps twice through the label table (a voxel whose label points at
+    voxel u takes u's label). Labels only grow and always name a voxel of the same
+    component, so it terminates; it stops when no neighbourhood maximum differs from the
+    voxel's label, after a handful of iterations on anatomy (the number grows with the
+    logarithm of a component's length, not with the length). Labels are unique across
+    the whole tensor, not consecutive, and each names a voxel of its component;
+    components in different slices stay separate when ``dims`` leaves the slice axis out.
     """
-    flat_index = torch.arange(1, mask.numel() + 1, device=mask.device, dtype=torch.int64)
-    labels = torch.where(mask, flat_index.reshape(mask.shape), 0)
-    zero = torch.zeros(1, device=mask.device, dtype=torch.int64)
-    column_keys = _run_keys(mask)
-    row_keys = _run_keys(mask.transpose(-1, -2).contiguous())
+    n = mask.numel()
+    if n >= 2**31 - 1:
+        raise ModelError(f"working grid too large to label: {tuple(mask.shape)}")
+    flat_mask = mask.flatten()
+    # table[i] is the label of flat voxel i - 1; table[0] = 0 is the background's.
+    table = torch.arange(n + 1, device=mask.device, dtype=torch.int32)
+    table[1:].masked_fill_(~flat_mask, 0)
     while True:
-        spread = _spread_runs(labels, column_keys)
-        spread = _spread_runs(spread.transpose(-1, -2).contiguous(), row_keys)
-        grown = torch.where(mask, _max_filter(spread.transpose(-1, -2), dims, box), 0)
-        jumped = torch.cat((zero, grown.flatten()))[grown]
-        if torch.equal(jumped, labels):
-            return labels
-        labels = jumped
+        labels = table[1:]
+        grown = _max_filter(labels.view(mask.shape), dims, box).flatten()
+        grown.masked_fill_(~flat_mask, 0)
+        if torch.equal(grown, labels):
+            return labels.view(mask.shape)
+        table.scatter_reduce_(0, labels.long(), grown, reduce="amax")
+        torch.maximum(labels, grown, out=labels)
+        for _ in range(_JUMPS):
+            table = table[table.long()]
 
 
 def _bounding_box(mask: torch.Tensor, margin: int) -> tuple[slice, slice]:
@@ -510,7 +498,7 @@ def _keep_pieces(lung: torch.Tensor, grid: _Grid) -> torch.Tensor:
     labels = _label(lung, dims=(1, 2))
     ids, inverse, counts = torch.unique(labels[lung], return_inverse=True, return_counts=True)
     # A label is the largest flat index of its piece + 1, so it names the piece's slice.
-    plane = torch.div(ids - 1, lung.shape[1] * lung.shape[2], rounding_mode="floor")
+    plane = torch.div(ids.long() - 1, lung.shape[1] * lung.shape[2], rounding_mode="floor")
     largest = torch.zeros(lung.shape[0], device=ids.device, dtype=counts.dtype)
     largest = largest.scatter_reduce(0, plane, counts, reduce="amax")
     keep = (counts * grid.pixel_mm2 >= MIN_PIECE_MM2) | (counts == largest[plane])

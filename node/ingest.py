@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from db.queue import InstanceMeta, SessionFactory, instance_known, record_instances
+from node.faults import crash_point
 from node.journal import Segment, Ticket, read_segment, segments
 from node.storage import durable_write
 
@@ -156,6 +157,7 @@ class Ingest:
     def _materialize(self, batch: list[tuple[InstanceMeta, bytes, Path]]) -> None:
         for meta, data, _ in batch:
             _write_file(self.root, Path(meta.path), data)
+        crash_point("ingest.files")
         record_instances(self.factory, [meta for meta, _, _ in batch], self.clock())
         with self._lock:
             for meta, _, path in batch:

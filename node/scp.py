@@ -39,6 +39,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from db.queue import InstanceMeta, SessionFactory, instance_known, record_instance
 from node.errors import InvalidInstance, StorageError
+from node.faults import crash_point
 from node.ingest import Ingest
 from node.metrics import ASSOCIATIONS
 from node.settings import DicomSettings, StorageSettings
@@ -192,9 +193,10 @@ def handle_store(event: Any, ctx: StoreContext) -> int:
             ds = event.dataset
         except Exception as exc:
             raise InvalidInstance(f"cannot decode dataset: {type(exc).__name__}") from exc
+        crash_point("scp.received")
         meta = read_meta(ds, str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID))
         check_pixel_data(ds, str(event.context.transfer_syntax))
-        if instance_known(ctx.factory, meta.sop_uid):
+        if ctx.ingest is None and instance_known(ctx.factory, meta.sop_uid):
             log.info("duplicate instance sop=%s from %s: already stored", meta.sop_uid, calling)
             return STATUS_SUCCESS
         rel = instance_path(meta.study_uid, meta.series_uid, meta.sop_uid)
@@ -207,8 +209,8 @@ def handle_store(event: Any, ctx: StoreContext) -> int:
             durable_write(ctx.storage.dir, rel, data)
             new = record_instance(ctx.factory, meta, ctx.clock())
         if not new:
-            log.info("duplicate instance sop=%s from %s: stored concurrently", meta.sop_uid,
-                     calling)
+            log.info("duplicate instance sop=%s from %s: already stored", meta.sop_uid, calling)
+        crash_point("scp.durable")
         return STATUS_SUCCESS
     except StorageFull as exc:
         log.error("store refused sop=%s from %s: out of resources: %s",

@@ -26,6 +26,7 @@ from pynetdicom import AE
 
 from db.queue import ResultRecord, SessionFactory, claim_results, mark_send_failed, mark_sent
 from node.errors import SendError
+from node.faults import crash_point
 from node.scp import VERIFICATION
 from node.settings import Destination, SendSettings, Settings, TLSSettings
 from node.tls import client_context
@@ -128,6 +129,7 @@ def deliver(dest: Destination, calling: str, results: Sequence[ResultRecord], ro
             except SendError as exc:
                 on_failed(result, exc)
             else:
+                crash_point("sender.stored")
                 on_sent(result)
     finally:
         if assoc.is_established:

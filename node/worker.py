@@ -35,6 +35,7 @@ from db.queue import (
 )
 from models.base import Model, ModelError, Prediction, UnsupportedInput, Volume
 from models.registry import ModelFactory, UnknownModel, create
+from node.faults import crash_point
 from node.results import ResultContext, build_seg, build_sr
 from node.results.heatmap import build_heatmap_seg
 from node.results.sc import build_sc
@@ -173,6 +174,7 @@ class Worker:
         started = time.monotonic()
         prediction = self._predict(model, series.volume, job.id)
         seconds = time.monotonic() - started
+        crash_point("worker.predicted")
         ctx = ResultContext(
             model_name=model.name, model_version=model.version,
             algorithm_version=model.algorithm_version, software_version=node.__version__,
@@ -198,6 +200,7 @@ class Worker:
             durable_write(root, rel, encode(ds))
             specs.append(ResultSpec(kind=kind, sop_class_uid=str(ds.SOPClassUID),
                                     sop_instance_uid=str(ds.SOPInstanceUID), path=str(rel)))
+        crash_point("worker.written")
         log.info("job %d timings: load %.3f s, inference %.3f s, encode %.3f s (%d images)",
                  job.id, started - loading, seconds, time.monotonic() - started - seconds,
                  len(datasets))

@@ -12,6 +12,7 @@ import ipaddress
 import shutil
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -174,9 +176,11 @@ UNCLOSED_CLIENT_SOCKET = pytest.mark.filterwarnings(
 
 
 def collect_dropped_sockets() -> None:
-    for _ in range(10):  # the association threads let go of them within a second
-        time.sleep(0.1)
-        gc.collect()
+    time.sleep(0.2)  # let the server's accept loop finish the failed handshake
+    for thread in threading.enumerate():
+        if isinstance(thread, Association):  # a client association still winding down
+            thread.join(10)
+    gc.collect()
 
 
 @UNCLOSED_CLIENT_SOCKET

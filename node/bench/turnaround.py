@@ -1,4 +1,4 @@
-"""Turnaround benchmark: from the last instance acknowledged to the results acknowledged by the PACS.
+"""Turnaround benchmark: last instance acknowledged to the results acknowledged by the PACS.
 
 Starts a real Orthanc (the PACS) and ``ainode serve`` on loopback, pushes a
 300-slice chest CT (the real sample resampled along z, new UIDs) and a real
@@ -34,8 +34,8 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from db.schema import Job, Result, Study
-from node.bench.ingest import ENV, free_port, machine, wait_port
 from node.bench.inference import DEFAULT_SAMPLES
+from node.bench.ingest import ENV, free_port, machine, wait_port
 
 
 def thin_ct(source: Path, out: Path, slices: int) -> list[Path]:

@@ -8,7 +8,7 @@ SYSTEM_DEPS := /usr/sbin/Orthanc:orthanc /usr/bin/storescu:dcmtk /usr/bin/dciodv
   /usr/lib/postgresql/15/bin/postgres:postgresql-15 \
   /usr/bin/chromium:chromium /usr/bin/systemd-analyze:systemd
 
-.PHONY: run test lint typecheck pytest system-deps venv clean
+.PHONY: run test lint typecheck pytest system-deps venv clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,13 @@ pytest: $(STAMP) system-deps
 	$(BIN)/pytest
 
 test: system-deps lint typecheck pytest
+
+# Benchmarks print numbers (they are not tests): ingest vs Orthanc and storescp,
+# inference per model, turnaround from last instance to results in the PACS.
+bench: $(STAMP) system-deps
+	$(BIN)/python -m node.bench.ingest
+	$(BIN)/python -m node.bench.inference
+	$(BIN)/python -m node.bench.turnaround
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -131,7 +131,7 @@ def echo(destination: Annotated[str, typer.Argument(help="Destination name from 
                   f"{', '.join(d.name for d in settings.destinations) or 'none'}")
         raise typer.Exit(2) from None
     quiet_pynetdicom()
-    result = c_echo(dest, settings.dicom.ae_title)
+    result = c_echo(dest, settings.dicom.ae_title, own_tls=settings.dicom.tls)
     typer.echo(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): {result.message}")
     raise typer.Exit(0 if result.ok else 1)
 

@@ -9,6 +9,7 @@ from functools import partial
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from db.admin import forget_stale_workers
 from db.queue import SessionFactory, dispatch_stable_studies, first_instance_path, requeue_expired
 from node.routing import make_planner, stable_seconds_for
 from node.sender import send_due
@@ -48,4 +49,6 @@ def make_scheduler(settings: Settings, factory: SessionFactory,
                       id="sweep-leases")
     scheduler.add_job(send_due, "interval", args=[settings, factory, clock],
                       seconds=settings.send.interval_seconds, id="send-results")
+    scheduler.add_job(lambda: forget_stale_workers(factory, clock()), "interval", hours=1,
+                      id="forget-stale-workers")
     return scheduler

@@ -189,9 +189,7 @@ def test_kill_at_random_points_loses_nothing_and_duplicates_nothing(
             return all(orthanc.find_series(study, k) for k in KINDS[studies[study]])
 
         try:
-            running = node
-
-            def settled_or_dead() -> bool:
+            def settled_or_dead(running: NodeProcess = node) -> bool:
                 return settled() or not alive(running)
 
             wait_until(settled_or_dead, 240, interval=0.5,

@@ -29,7 +29,8 @@ def test_embedded_default_has_the_documented_keys() -> None:
     ("[dicom]\nae_title = 'THIS-AE-TITLE-IS-TOO-LONG'\n", "dicom.ae_title"),
     ("[workers]\ndevice = 'tpu'\n", "workers.device"),
     ("[dicom]\nprot = 1\n", "dicom.prot"),
-    ("[[routes]]\nname = 'x'\nmodels = ['ct-lung']\nmatch = { Modalty = 'CT' }\n", "routes.0.match"),
+    ("[[routes]]\nname = 'x'\nmodels = ['ct-lung']\nmatch = { Modalty = 'CT' }\n",
+     "routes.0.match"),
     ("[[routes]]\nname = 'x'\nmodels = ['ct-lung']\ndestinations = ['nowhere']\n", "nowhere"),
     ("[[routes]]\nname = 'x'\nmodels = ['m']\nmatch = { Modality = 're:(' }\n", "regular"),
 ])

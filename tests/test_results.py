@@ -24,6 +24,8 @@ from pydicom.sr.codedict import codes
 from models.base import Code, Finding, Measurement, Prediction, Segment
 from node.results import ResultContext, build_seg, build_sr
 from node.results.common import result_uids, series_description, source_headers
+from node.results.seg import segment_pixels
+from node.results.sr import MAX_LISTED_IMAGES
 from tests.peers import SAMPLES as PEER_SAMPLES
 
 SAMPLES = PEER_SAMPLES
@@ -418,6 +420,17 @@ def test_sr_references_seg_segments_and_sources(lungs: Case) -> None:
     assert evidence == source_uids | {seg.SOPInstanceUID}
 
 
+def test_listed_sources_are_in_the_image_library(lungs: Case) -> None:
+    assert len(lungs.sources) <= MAX_LISTED_IMAGES  # the 30 slices are listed one by one
+    sr = pydicom.dcmread(lungs.sr_path)
+    (library,) = [i for i in sr.ContentSequence
+                  if i.ConceptNameCodeSequence[0].CodeValue == "111028"]  # Image Library
+    (group,) = library.ContentSequence
+    entries = [i for i in group.ContentSequence if i.ValueType == "IMAGE"]
+    assert [e.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for e in entries] == [
+        ds.SOPInstanceUID for ds in lungs.sources]
+
+
 def test_sr_segment_groups_round_trip(lungs: Case) -> None:
     _, report = read_report(lungs.sr_path)
     groups = report.get_volumetric_roi_measurement_groups()
@@ -655,3 +668,142 @@ def test_multiframe_source(tmp_path: Path) -> None:
     _, report = read_report(case.sr_path)
     (group,) = report.get_volumetric_roi_measurement_groups()
     assert group.get_measurements()[0].value == pytest.approx(1234.5)
+
+
+def test_overlapping_segments_round_trip(ct_slices: list[Dataset], tmp_path: Path) -> None:
+    """Overlapping masks cannot be one label map: they go to highdicom stacked."""
+    sources = ct_slices[10:16]
+    shape = ct_shape(sources)
+    lung = box(shape, slice(0, 6), slice(150, 350), slice(80, 230))
+    nodule = box(shape, slice(2, 4), slice(200, 230), slice(120, 150))  # inside the lung
+    assert segment_pixels([lung, nodule]).shape == (*shape, 2)
+    prediction = Prediction(segments=[
+        Segment(1, "Right lung", ANATOMY, LUNG, lung, type_modifier=RIGHT),
+        Segment(2, "Nodule", Code("49755003", "SCT", "Morphologically Abnormal Structure"),
+                NODULE, nodule),
+    ])
+    case = build_case(tmp_path, "overlap", sources, prediction, context("overlap"))
+    assert case.seg_path is not None
+    assert dciodvfy(case.seg_path).errors == []
+    seg = hd.seg.segread(case.seg_path)
+    assert seg.SegmentsOverlap == "YES"
+    assert int(seg.NumberOfFrames) == 6 + 2
+    pixels = seg.get_pixels_by_source_instance(
+        [ds.SOPInstanceUID for ds in sources], segment_numbers=[1, 2]
+    )
+    assert np.array_equal(pixels[..., 0].astype(bool), lung)
+    assert np.array_equal(pixels[..., 1].astype(bool), nodule)
+
+
+def test_disjoint_segments_become_a_label_map() -> None:
+    shape = (3, 8, 8)
+    first = box(shape, slice(0, 2), slice(0, 4), slice(0, 4))
+    second = box(shape, slice(1, 3), slice(4, 8), slice(4, 8))
+    labels = segment_pixels([first, second])
+    assert labels.shape == shape and labels.dtype == np.uint8
+    assert np.array_equal(labels == 1, first) and np.array_equal(labels == 2, second)
+    assert not labels[2, :4, :4].any()
+
+
+def test_source_headers_share_nothing_mutable(ct_slices: list[Dataset]) -> None:
+    source = copy.deepcopy(ct_slices[0])
+    (header,) = source_headers([source])
+    assert header.SOPInstanceUID == source.SOPInstanceUID
+    assert header.file_meta.TransferSyntaxUID == source.file_meta.TransferSyntaxUID
+    sequences = [elem.keyword for elem in header if elem.VR == "SQ"]
+    assert sequences  # the sample has sequences: check they are copies
+    for keyword in sequences:
+        assert header[keyword].value is not source[keyword].value
+        for item, original in zip(header[keyword].value, source[keyword].value, strict=True):
+            assert item is not original
+            assert item == original
+    header.ImageType = ["DERIVED"]
+    header.PatientID = "changed"
+    assert source.PatientID != "changed" and source.ImageType[0] == "ORIGINAL"
+
+
+# --------------------------------------------------------------------------- 300 slices
+
+
+@pytest.fixture(scope="module")
+def ct300(tmp_path_factory: pytest.TempPathFactory) -> Case:
+    """The sample CT resampled to 300 slices (as the turnaround benchmark does): both lungs,
+    their volumes, a study measurement and a finding."""
+    from node.bench.turnaround import thin_ct  # imports torch: only when this fixture runs
+    from node.volume import build_volume
+
+    directory = tmp_path_factory.mktemp("ct300")
+    files = thin_ct(CT_DIR, directory / "slices", 300)
+    series = build_volume([pydicom.dcmread(path) for path in files])
+    shape = series.volume.array.shape
+    assert shape[0] == 300
+    prediction = Prediction(
+        segments=[
+            Segment(1, "Right lung", ANATOMY, LUNG,
+                    box(shape, slice(50, 250), slice(100, 300), slice(100, 250)),
+                    type_modifier=RIGHT),
+            Segment(2, "Left lung", ANATOMY, LUNG,
+                    box(shape, slice(50, 250), slice(100, 300), slice(260, 400)),
+                    type_modifier=LEFT),
+        ],
+        measurements=[
+            Measurement(VOLUME, 2345.678, ML, segment_number=1),
+            Measurement(VOLUME, 2101.25, ML, segment_number=2),
+            Measurement(CALCIFIED_PERCENT, 12.5, PERCENT, segment_number=None),
+        ],
+        findings=[Finding(NODULE, probability=0.87, threshold=0.5)],
+    )
+    return build_case(directory, "ct300", series.sources, prediction, context("job-ct300"))
+
+
+def test_300_slice_seg_and_sr_validate_and_read_back(ct300: Case) -> None:
+    assert ct300.seg_path is not None
+    assert dciodvfy(ct300.seg_path).errors == []
+    assert dciodvfy(ct300.sr_path).errors == []
+    dsrdump(ct300.sr_path)
+
+    seg = hd.seg.segread(ct300.seg_path)
+    assert seg.get_segment_numbers() == [1, 2]
+    assert seg.SegmentsOverlap == "NO"
+    assert int(seg.NumberOfFrames) == 2 * 200  # 200 slices per lung, empty frames left out
+    uids = [ds.SOPInstanceUID for ds in ct300.sources]
+    seg_refs = {ref.ReferencedSOPInstanceUID for series in seg.ReferencedSeriesSequence
+                for ref in series.ReferencedInstanceSequence}
+    assert seg_refs == set(uids)
+    pixels = seg.get_pixels_by_source_instance(uids[45:55], segment_numbers=[1, 2])
+    for index, segment in enumerate(ct300.prediction.segments):
+        assert np.array_equal(pixels[..., index].astype(bool), segment.mask[45:55])
+
+
+def test_300_slice_sr_references_the_series(ct300: Case) -> None:
+    assert ct300.seg is not None
+    sources = ct300.sources
+    series_uid = sources[0].SeriesInstanceUID
+    sr, report = read_report(ct300.sr_path)
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        assert sr.get(keyword) == sources[0].get(keyword), keyword
+
+    groups = report.get_volumetric_roi_measurement_groups()
+    assert len(groups) == 2
+    for number, group in enumerate(groups, start=1):
+        referenced = group.referenced_segment
+        assert referenced is not None
+        assert referenced.referenced_sop_instance_uid == ct300.seg.SOPInstanceUID
+        assert referenced.referenced_segment_numbers == [number]
+        assert group.tracking_uid == ct300.seg.SegmentSequence[number - 1].TrackingUID
+        assert referenced.source_images_for_segmentation == []
+        series = referenced.source_series_for_segmentation
+        assert series is not None and series.value == series_uid
+        (volume,) = group.get_measurements()
+        assert volume.value == pytest.approx(ct300.prediction.measurements[number - 1].value)
+
+    study_group, finding_group = report.get_image_measurement_groups()
+    assert study_group.get_measurements()[0].value == pytest.approx(12.5)
+    assert study_group.source_images == [] and finding_group.source_images == []
+    assert evaluation_value(finding_group.get_qualitative_evaluations()[0]) == "52101004"
+
+    assert len(sources) > MAX_LISTED_IMAGES
+    root = sr.ContentSequence
+    assert not [i for i in root if i.ConceptNameCodeSequence[0].CodeValue == "111028"]
+    evidence = {uids[2] for uids in sr.get_evidence()}
+    assert evidence == {ds.SOPInstanceUID for ds in sources} | {ct300.seg.SOPInstanceUID}

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
+import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -111,6 +113,23 @@ def _segment_description(
     return description
 
 
+def segment_pixels(masks: Sequence[npt.NDArray[np.bool_]]) -> npt.NDArray[Any]:
+    """The pixel array for highdicom: a label map when no two masks overlap, else the stack.
+
+    A label map (value n where mask n is set, 0 elsewhere) gives the same BINARY
+    SEG frames as the masks stacked along a last axis, but highdicom checks a
+    stack for overlaps by summing over that axis (seconds for a 300-slice CT),
+    and a label map by its maximum. Overlapping masks cannot be one label map;
+    they are stacked.
+    """
+    labels = np.zeros(masks[0].shape, dtype=np.uint8 if len(masks) < 256 else np.uint16)
+    for number, mask in enumerate(masks, start=1):
+        np.copyto(labels, number, where=mask)
+    if np.count_nonzero(labels) == sum(np.count_nonzero(mask) for mask in masks):
+        return labels
+    return np.stack(masks, axis=-1)
+
+
 def _add_patient_orientation(seg: hd.seg.Segmentation, source: Dataset) -> None:
     """Add Patient Orientation (General Image, Type 2C) to a SEG without plane orientation.
 
@@ -147,7 +166,7 @@ def build_seg(
     numbering = segment_numbers(prediction)
 
     ordered = sorted(prediction.segments, key=lambda s: numbering[s.number])
-    pixel_array = np.stack([segment.mask for segment in ordered], axis=-1)
+    pixel_array = segment_pixels([segment.mask for segment in ordered])
     descriptions = [
         _segment_description(segment, numbering[segment.number], ctx) for segment in ordered
     ]

@@ -5,16 +5,18 @@ Content tree (PS3.16 TID 1500)::
     Imaging Measurement Report (126000, DCM)
       Language (en-US), observation context: device observer = the algorithm
       Procedure Reported (from modality and body part, or ResultContext.procedure)
-      Image Library (TID 1600): every source instance, when their headers allow
+      Image Library (TID 1600): every source instance, when they are listed (below)
+        and their headers allow
       Imaging Measurements (126010, DCM)
         per segment: Measurement Group, TID 1411 (volumetric ROI)
           tracking identifier + UID (the same as in the SEG), finding category and
           finding type (segment codes), finding site with laterality (anatomic
-          segments), the SEG segment referenced with its source images, algorithm
-          identification, the segment's measurements (TID 300, UCUM units,
-          derivation where given)
+          segments), the SEG segment referenced with its source images (listed) or
+          its source series, algorithm identification, the segment's measurements
+          (TID 300, UCUM units, derivation where given)
         per-study measurements: one Measurement Group, TID 1501, with source images
-        per finding: one Measurement Group, TID 1501, with source images:
+          (listed)
+        per finding: one Measurement Group, TID 1501, with source images (listed):
           qualitative evaluation (finding code = Present/Absent, SCT 52101004/2667000)
           Certainty of Finding (111012, DCM) = probability, unit UCUM "1"
           Threshold Value (122411, DCM) = threshold, unit UCUM "1"
@@ -23,7 +25,15 @@ Content tree (PS3.16 TID 1500)::
 
 One group per finding keeps each probability and threshold attached to exactly
 one finding code (a group carries a single finding context).
-"""
+
+Sources are "listed" image by image when there are at most
+:data:`MAX_LISTED_IMAGES` of them (a radiograph, one multi-frame image, a short
+series). A longer series (a 300-slice CT) is referenced as a whole, which keeps
+the document small and fast to build: each segment group names the source series
+(121232, DCM, "Source Series for Segmentation") instead of its images, and the
+optional per-image items (TID 1501 "Source" images, Image Library) are left out.
+Either way the Current Requested Procedure Evidence Sequence lists every source
+instance and the SEG."""
 
 from __future__ import annotations
 
@@ -38,7 +48,6 @@ from highdicom.sr import (
     ContentSequence,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
-    ImageLibraryEntryDescriptors,
     LanguageOfContentItemAndDescendants,
     Measurement,
     MeasurementReport,
@@ -50,6 +59,7 @@ from highdicom.sr import (
     RelationshipTypeValues,
     SourceImageForMeasurementGroup,
     SourceImageForSegmentation,
+    SourceSeriesForSegmentation,
     TextContentItem,
     TrackingIdentifier,
     VolumetricROIMeasurementsAndQualitativeEvaluations,
@@ -63,6 +73,7 @@ from models.base import Measurement as ModelMeasurement
 from node.results.common import (
     ResultContext,
     ResultKind,
+    check_sources,
     coded,
     no_patient_name_warning,
     source_headers,
@@ -101,6 +112,14 @@ COMMENT = Code("121106", "DCM", "Comment")
 ENGLISH = Code("en-US", "RFC5646", "English (United States)")
 
 _LO_MAX = 64
+
+#: Most source images the report lists one by one (see :func:`lists_images`). Each
+#: listed image adds content items to every group and an Image Library entry, which
+#: highdicom copies and re-parses: a 300-slice CT listed image by image took seconds.
+MAX_LISTED_IMAGES = 32
+
+#: Attributes of a source that its evidence item (and the series reference) use.
+_REFERENCE_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
 
 
 def procedure_code(source: Dataset, ctx: ResultContext) -> CodedConcept:
@@ -201,6 +220,18 @@ def _is_anatomic(category: Code) -> bool:
     return (category.value, category.scheme) in ANATOMIC_CATEGORIES
 
 
+def lists_images(sources: Sequence[Dataset]) -> bool:
+    """Whether the report references each source image, or only their series.
+
+    True for at most :data:`MAX_LISTED_IMAGES` sources: then the segment groups
+    list their source images, the other groups their "Source" images, and the
+    Image Library describes them. A larger series is referenced as a whole: the
+    segment groups name the source series (TID 1411 allows either), and the other
+    groups and the Image Library, both optional, leave the images out.
+    """
+    return len(sources) <= MAX_LISTED_IMAGES
+
+
 def _segment_group(
     segment: Segment,
     seg_number: int,
@@ -211,12 +242,20 @@ def _segment_group(
     algorithm: AlgorithmIdentification,
 ) -> VolumetricROIMeasurementsAndQualitativeEvaluations:
     # Built by hand: ReferencedSegment.from_segmentation() fails on a one-segment SEG.
-    referenced = ReferencedSegment(
-        sop_class_uid=seg.SOPClassUID,
-        sop_instance_uid=seg.SOPInstanceUID,
-        segment_number=seg_number,
-        source_images=[SourceImageForSegmentation.from_source_image(h) for h in headers],
-    )
+    if lists_images(headers):
+        referenced = ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=seg_number,
+            source_images=[SourceImageForSegmentation.from_source_image(h) for h in headers],
+        )
+    else:
+        referenced = ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=seg_number,
+            source_series=SourceSeriesForSegmentation(headers[0].SeriesInstanceUID),
+        )
     sites = None
     if _is_anatomic(segment.category):
         laterality = coded(segment.type_modifier) if segment.type_modifier is not None else None
@@ -266,7 +305,7 @@ def _finding_group(
                 name=coded(THRESHOLD), value=float(finding.threshold), unit=coded(NO_UNITS)
             ),
         ],
-        source_images=[SourceImageForMeasurementGroup.from_source_image(h) for h in headers],
+        source_images=_group_sources(headers),
     )
 
 
@@ -282,8 +321,15 @@ def _study_group(
         ),
         algorithm_id=algorithm,
         measurements=[_measurement(m) for m in measurements],
-        source_images=[SourceImageForMeasurementGroup.from_source_image(h) for h in headers],
+        source_images=_group_sources(headers),
     )
+
+
+def _group_sources(headers: Sequence[Dataset]) -> list[SourceImageForMeasurementGroup] | None:
+    """The "Source" images of a TID 1501 group (optional): all sources, if listed at all."""
+    if not lists_images(headers):
+        return None
+    return [SourceImageForMeasurementGroup.from_source_image(h) for h in headers]
 
 
 def _disclaimer_container(ctx: ResultContext) -> ContainerContentItem:
@@ -302,20 +348,8 @@ def _disclaimer_container(ctx: ResultContext) -> ContainerContentItem:
     return container
 
 
-def library_images(headers: Sequence[Dataset]) -> list[Dataset] | None:
-    """The sources for the Image Library, or None when one lacks what its descriptors need.
-
-    The Image Library (TID 1500 row 5) is optional; highdicom's TID 1602-1604
-    descriptors need e.g. PatientOrientation and ImagerPixelSpacing for a
-    radiograph, or PixelSpacing and ImagePositionPatient per slice for CT, which
-    minimal headers (converted secondary captures, enhanced multi-frame) lack.
-    """
-    try:
-        for header in headers:
-            ImageLibraryEntryDescriptors(header)
-    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
-        return None
-    return list(headers)
+#: What highdicom raises when a source lacks an attribute an Image Library entry needs.
+_LIBRARY_ERRORS = (AttributeError, IndexError, KeyError, TypeError, ValueError)
 
 
 def build_report(
@@ -324,7 +358,12 @@ def build_report(
     ctx: ResultContext,
     seg: Dataset | None,
 ) -> MeasurementReport:
-    """The TID 1500 content tree (see the module docstring); inputs already checked."""
+    """The TID 1500 content tree (see the module docstring); inputs already checked.
+
+    ``headers`` has one dataset per source, in order: full header copies when the
+    sources are listed (see :func:`lists_images`), else the first one's header
+    followed by just the UIDs of the others (what :func:`build_sr` passes).
+    """
     algorithm = AlgorithmIdentification(name=ctx.model_name, version=ctx.algorithm_id_version)
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
@@ -354,18 +393,55 @@ def build_report(
     for index, finding in enumerate(prediction.findings, start=1):
         groups.append(_finding_group(index, finding, headers, ctx, algorithm))
 
-    report = MeasurementReport(
-        observation_context=ObservationContext(observer_device_context=observer),
-        procedure_reported=procedure_code(headers[0], ctx),
-        imaging_measurements=groups,
-        title=codes.cid7021.ImagingMeasurementReport,
-        language_of_content_item_and_descendants=LanguageOfContentItemAndDescendants(
-            coded(ENGLISH)
-        ),
-        referenced_images=library_images(headers),
-    )
+    def report_with(library: list[Dataset] | None) -> MeasurementReport:
+        return MeasurementReport(
+            observation_context=ObservationContext(observer_device_context=observer),
+            procedure_reported=procedure_code(headers[0], ctx),
+            imaging_measurements=groups,
+            title=codes.cid7021.ImagingMeasurementReport,
+            language_of_content_item_and_descendants=LanguageOfContentItemAndDescendants(
+                coded(ENGLISH)
+            ),
+            referenced_images=library,
+        )
+
+    # The Image Library (TID 1500 row 5) is optional. It describes the listed
+    # sources (see lists_images) and is left out when a source lacks what
+    # highdicom's TID 1602-1604 descriptors need, e.g. PatientOrientation and
+    # ImagerPixelSpacing for a radiograph, or PixelSpacing and ImagePositionPatient
+    # per slice for CT, which minimal headers (converted secondary captures,
+    # enhanced multi-frame) lack. highdicom builds the library before it touches
+    # the groups; an error that is not the library's comes again without it.
+    try:
+        report = report_with(list(headers) if lists_images(headers) else None)
+    except _LIBRARY_ERRORS:
+        if not lists_images(headers):
+            raise
+        report = report_with(None)
     report[0].ContentSequence.append(_disclaimer_container(ctx))
     return report
+
+
+def _instance_reference(source: Dataset) -> Dataset:
+    """The UIDs of ``source`` an evidence item needs, and nothing else."""
+    reference = Dataset()
+    for keyword in _REFERENCE_KEYWORDS:
+        setattr(reference, keyword, source[keyword].value)
+    return reference
+
+
+def _report_headers(sources: Sequence[Dataset]) -> list[Dataset]:
+    """What the report is built from, one dataset per source, in order.
+
+    Listed sources (see :func:`lists_images`) need their full headers (image
+    references, Image Library). Otherwise only the first one's is needed (patient,
+    study, procedure, series); the others are evidence only, so they are just
+    their UIDs, which saves copying and checking hundreds of headers.
+    """
+    if lists_images(sources):
+        return source_headers(sources)
+    check_sources(sources)
+    return [*source_headers(sources[:1]), *(_instance_reference(ds) for ds in sources[1:])]
 
 
 def build_sr(
@@ -386,7 +462,7 @@ def build_sr(
     if not isinstance(ctx, ResultContext):
         raise TypeError(f"expected ResultContext, got {type(ctx).__name__}")
     _check_prediction(prediction)
-    headers = source_headers(sources)
+    headers = _report_headers(sources)
     _check_seg(seg, prediction, headers[0].StudyInstanceUID)
     referenced_seg = seg if prediction.segments else None
 

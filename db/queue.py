@@ -193,6 +193,12 @@ def _add_instance(s: Session, meta: InstanceMeta, now: datetime) -> bool:
     return True
 
 
+def known_instances(factory: SessionFactory, sop_uids: Sequence[str]) -> set[str]:
+    """Which of ``sop_uids`` are already recorded (one query)."""
+    with reading(factory) as s:
+        return set(s.scalars(select(Instance.sop_uid).where(Instance.sop_uid.in_(sop_uids))))
+
+
 def instance_known(factory: SessionFactory, sop_uid: str) -> bool:
     with reading(factory) as s:
         return s.scalar(select(Instance.id).where(Instance.sop_uid == sop_uid)) is not None

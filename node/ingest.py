@@ -21,7 +21,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from db.queue import InstanceMeta, SessionFactory, instance_known, record_instances
+from db.queue import (
+    InstanceMeta,
+    SessionFactory,
+    instance_known,
+    known_instances,
+    record_instances,
+)
 from node.faults import crash_point
 from node.journal import Segment, Ticket, read_segment, segments
 from node.storage import durable_write
@@ -93,7 +99,12 @@ class Ingest:
     # --- called by C-STORE handler threads ------------------------------------------
 
     def store(self, meta: InstanceMeta, data: bytes) -> bool:
-        """Make the instance durable; False when its SOP Instance UID is already stored."""
+        """Make the instance durable; False when the same SOP Instance UID is in flight.
+
+        An instance already in the database is journaled all the same and dropped
+        by the writer thread (one query per batch instead of one per instance on the
+        association's thread): duplicates are rare, every instance pays the query.
+        """
         if self._failed is not None:
             raise RuntimeError(f"ingest stopped after an error: {self._failed}")
         with self._lock:
@@ -101,10 +112,6 @@ class Ingest:
                 return False
             self._pending.add(meta.sop_uid)
         try:
-            if instance_known(self.factory, meta.sop_uid):
-                with self._lock:
-                    self._pending.discard(meta.sop_uid)
-                return False
             opened, ticket = self._append(meta, data)
             opened.segment.wait_durable(ticket)
         except BaseException:
@@ -155,10 +162,17 @@ class Ingest:
             self._retire()
 
     def _materialize(self, batch: list[tuple[InstanceMeta, bytes, Path]]) -> None:
+        known = known_instances(self.factory, [meta.sop_uid for meta, _, _ in batch])
+        fresh = [meta for meta, _, _ in batch if meta.sop_uid not in known]
         for meta, data, _ in batch:
-            _write_file(self.root, Path(meta.path), data)
+            if meta.sop_uid in known:
+                log.info("duplicate instance sop=%s from %s: already stored", meta.sop_uid,
+                         meta.calling_ae)
+            else:
+                _write_file(self.root, Path(meta.path), data)
         crash_point("ingest.files")
-        record_instances(self.factory, [meta for meta, _, _ in batch], self.clock())
+        if fresh:
+            record_instances(self.factory, fresh, self.clock())
         with self._lock:
             for meta, _, path in batch:
                 self._pending.discard(meta.sop_uid)

@@ -61,10 +61,15 @@ def test_running_ingest_writes_files_rows_and_drops_the_journal(
     items = metas(5)
     for meta, data in items:
         assert ingest.store(meta, data)
-    assert not ingest.store(*items[0])  # duplicate SOP Instance UID: stored once
+    ingest.store(*items[0])  # a duplicate SOP Instance UID, in flight or already recorded
     ingest.stop()
+    restarted = Ingest(root, journal_dir(root, "node-a"), factory, utcnow)
+    restarted.start()
+    assert restarted.store(*items[1])  # journaled, then dropped as already recorded
+    restarted.stop()
     assert rows(factory) == 5
     assert all((root / m.path).read_bytes() == d for m, d in items)
+    assert len(list(root.glob("instances/*.dcm"))) == 5
     assert segments(journal_dir(root, "node-a")) == []
 
 

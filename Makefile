@@ -49,6 +49,7 @@ bench: $(STAMP) system-deps
 	$(BIN)/python -m node.bench.ingest
 	$(BIN)/python -m node.bench.inference
 	$(BIN)/python -m node.bench.turnaround
+	$(BIN)/python -m node.bench.load
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -98,6 +98,8 @@ class WorkerSettings(_Section):
     heartbeat_seconds: Annotated[float, Field(gt=0)] = 10.0
     poll_seconds: Annotated[float, Field(gt=0)] = 0.5
     max_attempts: Annotated[int, Field(ge=1)] = 3
+    job_timeout_seconds: Annotated[float, Field(gt=0)] = 900.0
+    """A job running longer (hung inference) is failed or retried and its worker restarted."""
 
     @field_validator("device")
     @classmethod

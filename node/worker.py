@@ -137,9 +137,23 @@ class Worker:
             log.warning("job %d: lease lost before completion; its new run will deliver", job.id)
 
     def _heartbeat(self, job: JobRecord, done: threading.Event) -> None:
-        """Extend the lease until ``done``; stop when the job is no longer ours."""
+        """Extend the lease until ``done``; stop when the job is no longer ours.
+
+        A job past ``workers.job_timeout_seconds`` is hung (a model cannot be
+        interrupted from another thread): it is requeued or failed with the reason,
+        and this worker process exits so that a fresh one takes over.
+        """
         interval = self.settings.workers.heartbeat_seconds
-        while not done.wait(interval):
+        limit = self.settings.workers.job_timeout_seconds
+        started = time.monotonic()
+        while not done.wait(min(interval, limit)):
+            if time.monotonic() - started > limit and not done.is_set():
+                reason = f"job exceeded the time limit of {limit:g} s (hung inference?)"
+                status = fail_job(self.factory, job.id, self.owner, self.clock(), reason,
+                                  retry=True)
+                log.error("job %d: %s; now %s; restarting the worker", job.id, reason,
+                          status.value if status else "not ours")
+                os._exit(3)
             if not heartbeat(self.factory, job.id, self.owner, self.clock(),
                              self.settings.workers.lease_seconds):
                 log.warning("job %d: lease lost while running", job.id)

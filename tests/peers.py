@@ -228,3 +228,40 @@ def start_node(config: Path, port: int, log_path: Path) -> NodeProcess:
 
     wait_until(up, 60, what="ainode serve")
     return node
+
+
+def stage_series(factory: Any, store: Path, files: list[Path], model: str,
+                 destinations: tuple[str, ...] = (), max_attempts: int = 3) -> None:
+    """Put ``files`` in the node's storage and database as if received, and queue one job
+    per series for ``model`` (the study is already quiet), without the network."""
+    import shutil
+    from datetime import timedelta
+
+    import pydicom
+
+    from db.queue import (
+        InstanceMeta,
+        JobPlan,
+        SeriesInfo,
+        dispatch_stable_studies,
+        record_instance,
+    )
+    from node.clock import utcnow
+
+    now = utcnow()
+    (store / "instances").mkdir(parents=True, exist_ok=True)
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        rel = Path("instances") / f"{ds.SOPInstanceUID}.dcm"
+        shutil.copy(path, store / rel)
+        record_instance(factory, InstanceMeta(
+            study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
+            sop_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
+            transfer_syntax=str(ds.file_meta.TransferSyntaxUID), path=str(rel), size=1,
+            calling_ae="T", modality=str(ds.get("Modality", ""))), now)
+
+    def plan(series: SeriesInfo) -> list[JobPlan]:
+        return [JobPlan(series.id, model, "r", destinations)]
+
+    dispatch_stable_studies(factory, now + timedelta(seconds=120), lambda _: 60, plan,
+                            max_attempts)

@@ -8,10 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +20,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.queue import (
-    InstanceMeta,
-    JobPlan,
-    SeriesInfo,
     claim_job,
-    dispatch_stable_studies,
     due_results,
-    record_instance,
 )
 from db.schema import Job, JobStatus
 from models.base import Model, Prediction, UnsupportedInput, Volume
@@ -39,7 +32,7 @@ from node.radiograph import radiograph_to_volume
 from node.settings import Settings, parse_settings
 from node.volume import build_volume
 from node.worker import Worker
-from tests.peers import CHEST_CT, ROOT, SAMPLES, dciodvfy
+from tests.peers import CHEST_CT, ROOT, SAMPLES, dciodvfy, stage_series
 
 NIH = SAMPLES / "chest-xray" / "NIH_CXR14_SC_Covid0000.dcm"
 
@@ -190,22 +183,7 @@ def test_worker_runs_a_configured_model_to_valid_seg_and_sr(
             'port = 104\n' + toml)
     settings = settings_with(toml, tmp_path)
     store = settings.storage.dir
-    now = utcnow()
-    for path in sorted(CHEST_CT.glob("*.dcm")):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        rel = Path("instances") / path.name
-        (store / "instances").mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, store / rel)
-        record_instance(factory, InstanceMeta(
-            study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
-            sop_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
-            transfer_syntax="1.2.840.10008.1.2.1", path=str(rel), size=1, calling_ae="T",
-            modality="CT"), now)
-
-    def plan(series: SeriesInfo) -> list[JobPlan]:
-        return [JobPlan(series.id, "site-body", "r", ("pacs",))]
-
-    dispatch_stable_studies(factory, now + timedelta(seconds=120), lambda _: 60, plan, 3)
+    stage_series(factory, store, sorted(CHEST_CT.glob("*.dcm")), "site-body", ("pacs",))
     worker = Worker(settings=settings, factory=factory, registry=available_models(settings),
                     clock=utcnow)
     job = claim_job(factory, worker.owner, utcnow(), 60)

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 
-import pydicom
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.queue import InstanceMeta, JobPlan, SeriesInfo, dispatch_stable_studies, record_instance
 from db.schema import Job, JobStatus
-from node.clock import utcnow
-from tests.peers import CHEST_CT, ROOT
+from tests.peers import CHEST_CT, ROOT, stage_series
 
 HANGING_MODEL = """
 import time
@@ -47,23 +42,7 @@ def test_hung_job_hits_the_time_limit(tmp_path: Path, db_url: str,
     (site / "hangs_model-1.0.dist-info" / "entry_points.txt").write_text(
         "[ainode.models]\nhangs = hangs_model:Hangs\n")
     store = tmp_path / "var"
-    now = utcnow()
-    for path in sorted(CHEST_CT.glob("*.dcm"))[:3]:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        rel = Path("instances") / path.name
-        (store / "instances").mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, store / rel)
-        record_instance(factory, InstanceMeta(
-            study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
-            sop_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
-            transfer_syntax="1.2.840.10008.1.2.1", path=str(rel), size=1, calling_ae="T",
-            modality="CT"), now)
-
-    def plan(series: SeriesInfo) -> list[JobPlan]:
-        return [JobPlan(series.id, "hangs", "r", ())]
-
-    dispatch_stable_studies(factory, now + timedelta(seconds=120), lambda _: 60, plan,
-                            max_attempts=2)
+    stage_series(factory, store, sorted(CHEST_CT.glob("*.dcm"))[:3], "hangs", max_attempts=2)
     config = tmp_path / "ainode.toml"
     config.write_text(f'[storage]\ndir = "{store}"\n[database]\nurl = "{db_url}"\n'
                       "[workers]\njob_timeout_seconds = 3\nheartbeat_seconds = 0.5\n"

@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import shutil
-from datetime import timedelta
 from pathlib import Path
 
-import pydicom
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.queue import (
-    InstanceMeta,
-    JobPlan,
-    SeriesInfo,
     claim_job,
-    dispatch_stable_studies,
     due_results,
-    record_instance,
 )
 from db.schema import Job, JobStatus
 from models.registry import discover
 from node.clock import utcnow
 from node.settings import parse_settings
 from node.worker import Worker
-from tests.peers import CHEST_CT, SAMPLES
+from tests.peers import CHEST_CT, SAMPLES, stage_series
 
 MPR = SAMPLES / "edge-ct-single-slice-mpr"
 
@@ -33,23 +25,7 @@ MPR = SAMPLES / "edge-ct-single-slice-mpr"
 def run_job(tmp_path: Path, factory: sessionmaker[Session], files: list[Path], model: str
             ) -> Job:
     settings = parse_settings(f'[storage]\ndir = "{tmp_path / "var"}"\n')
-    store = settings.storage.dir
-    now = utcnow()
-    for path in files:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        rel = Path("instances") / f"{ds.SOPInstanceUID}.dcm"
-        (store / "instances").mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, store / rel)
-        record_instance(factory, InstanceMeta(
-            study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
-            sop_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
-            transfer_syntax=str(ds.file_meta.TransferSyntaxUID), path=str(rel), size=1,
-            calling_ae="T", modality=str(ds.get("Modality", ""))), now)
-
-    def plan(series: SeriesInfo) -> list[JobPlan]:
-        return [JobPlan(series.id, model, "r", ())]
-
-    dispatch_stable_studies(factory, now + timedelta(seconds=120), lambda _: 60, plan, 3)
+    stage_series(factory, settings.storage.dir, files, model)
     worker = Worker(settings=settings, factory=factory, registry=discover(), clock=utcnow)
     while (job := claim_job(factory, worker.owner, utcnow(), 60)) is not None:
         worker.process(job)

@@ -474,17 +474,20 @@ def _claimable(now: datetime) -> ColumnElement[bool]:
 
 
 def claim_results(factory: SessionFactory, owner: str, now: datetime, lease_seconds: float,
-                  limit: int = 16) -> list[ResultRecord]:
+                  limit: int = 16, exclude: Collection[str] = ()) -> list[ResultRecord]:
     """Atomically take up to ``limit`` due results for ``owner`` to send (status SENDING).
 
     Two senders (threads, or nodes sharing PostgreSQL) never claim the same row. A
     sender that dies leaves its rows SENDING until the lease expires; then another
-    claims and resends them, with the same SOP Instance UIDs.
+    claims and resends them, with the same SOP Instance UIDs. Results for the
+    destinations in ``exclude`` (an open circuit breaker) are left untouched.
     """
     with factory.begin() as s:
-        ids = list(s.scalars(_locked(s,
-            select(Result.id).where(_claimable(now)).order_by(Result.id).limit(limit),
-            skip_locked=True)))
+        query = select(Result.id).where(_claimable(now))
+        if exclude:
+            query = query.where(Result.destination.not_in(list(exclude)))
+        ids = list(s.scalars(_locked(s, query.order_by(Result.id).limit(limit),
+                                     skip_locked=True)))
         if not ids:
             return []
         claimed = list(s.scalars(

@@ -11,6 +11,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from db.admin import forget_stale_workers
 from db.queue import SessionFactory, dispatch_stable_studies, first_instance_path, requeue_expired
+from db.retention import PurgeReport, purge_expired
+from node.breaker import CircuitBreaker
 from node.routing import make_planner, stable_seconds_for
 from node.sender import send_due
 from node.settings import Settings
@@ -37,6 +39,17 @@ def sweep_leases(factory: SessionFactory, clock: Callable[[], datetime]) -> list
     return requeued
 
 
+def purge_studies(settings: Settings, factory: SessionFactory,
+                  clock: Callable[[], datetime]) -> PurgeReport:
+    """Delete finished, delivered studies older than ``storage.retention_days``."""
+    report = purge_expired(factory, settings.storage.dir, clock(),
+                           settings.storage.retention_days)
+    if report.purged or report.kept:
+        log.info("retention: purged %d study(ies), kept %d still in work or undelivered",
+                 len(report.purged), report.kept)
+    return report
+
+
 def make_scheduler(settings: Settings, factory: SessionFactory,
                    clock: Callable[[], datetime]) -> BackgroundScheduler:
     """A scheduler with the node's periodic jobs (not started)."""
@@ -47,8 +60,14 @@ def make_scheduler(settings: Settings, factory: SessionFactory,
     scheduler.add_job(sweep_leases, "interval", args=[factory, clock],
                       seconds=max(1.0, min(10.0, settings.workers.lease_seconds / 4)),
                       id="sweep-leases")
+    breaker = CircuitBreaker(settings.send.breaker_failures, settings.send.breaker_open_seconds,
+                             max_open_seconds=settings.send.backoff_max_seconds)
     scheduler.add_job(send_due, "interval", args=[settings, factory, clock],
+                      kwargs={"breaker": breaker},
                       seconds=settings.send.interval_seconds, id="send-results")
     scheduler.add_job(lambda: forget_stale_workers(factory, clock()), "interval", hours=1,
                       id="forget-stale-workers")
+    if settings.storage.retention_days > 0:
+        scheduler.add_job(purge_studies, "interval", args=[settings, factory, clock], hours=1,
+                          id="purge-expired-studies")
     return scheduler

@@ -8,8 +8,10 @@ Everything else happens later, off the association.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -276,6 +278,23 @@ def make_ae(dicom: DicomSettings) -> AE:
     return ae
 
 
+class _Server(ThreadedAssociationServer):
+    """The association server, refusing connections from outside ``allowed_networks``."""
+
+    allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if not self.allowed_networks:
+            return True
+        address = ipaddress.ip_address(client_address[0])
+        if any(address in network for network in self.allowed_networks):
+            return True
+        ASSOCIATIONS.labels("rejected").inc()
+        log.warning("connection refused from %s:%s: not in dicom.allowed_networks",
+                    client_address[0], client_address[1])
+        return False
+
+
 def start_scp(dicom: DicomSettings, ctx: StoreContext) -> ThreadedAssociationServer:
     """Start listening on ``dicom.host:dicom.port`` in background threads."""
     quiet_pynetdicom()
@@ -288,9 +307,12 @@ def start_scp(dicom: DicomSettings, ctx: StoreContext) -> ThreadedAssociationSer
         (evt.EVT_ACCEPTED, handle_accepted),
     ]
     ssl_context = server_context(dicom.tls) if dicom.tls.enabled else None
-    server = ae.start_server((dicom.host, dicom.port), block=False, evt_handlers=handlers,
-                             ssl_context=ssl_context)
-    assert server is not None  # block=False always returns the server
+    server = ae.make_server((dicom.host, dicom.port), evt_handlers=handlers,
+                            ssl_context=ssl_context, server_class=_Server)
+    assert isinstance(server, _Server)
+    server.allowed_networks = [ipaddress.ip_network(str(n)) for n in dicom.allowed_networks]
+    ae._servers.append(server)  # as AE.start_server does: its shutdown() removes it
+    threading.Thread(target=server.serve_forever, name="scp-acceptor", daemon=True).start()
     log.info("SCP %s listening on %s:%d%s", dicom.ae_title, dicom.host, dicom.port,
              " (TLS)" if ssl_context else "")
     return server

@@ -25,6 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from db.queue import ResultRecord, SessionFactory, claim_results, mark_send_failed, mark_sent
+from node.breaker import CircuitBreaker
 from node.errors import SendError
 from node.faults import crash_point
 from node.scp import VERIFICATION
@@ -108,8 +109,12 @@ def _store(assoc: Any, path: str) -> None:
 def deliver(dest: Destination, calling: str, results: Sequence[ResultRecord], root: str,
             timeout: float, on_sent: Callable[[ResultRecord], None],
             on_failed: Callable[[ResultRecord, SendError], None],
-            tls: tuple[ssl.SSLContext, str] | None = None) -> None:
-    """Send ``results`` to one destination over one association (TLS with ``tls``)."""
+            tls: tuple[ssl.SSLContext, str] | None = None) -> SendError | None:
+    """Send ``results`` to one destination over one association (TLS with ``tls``).
+
+    Returns the connection-level failure (no association, or it was lost), if any;
+    per-object refusals are reported through ``on_failed`` only.
+    """
     ae = _ae(dest.calling_ae_title or calling, timeout)
     for sop_class in sorted({r.sop_class_uid for r in results}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
@@ -118,11 +123,13 @@ def deliver(dest: Destination, calling: str, results: Sequence[ResultRecord], ro
         error = SendError(f"cannot associate with {dest.ae_title}@{dest.host}:{dest.port}")
         for result in results:
             on_failed(result, error)
-        return
+        return error
+    lost: SendError | None = None
     try:
         for result in results:
             if not assoc.is_established:
-                on_failed(result, SendError("association lost before this object was sent"))
+                lost = SendError("association lost before this object was sent")
+                on_failed(result, lost)
                 continue
             try:
                 _store(assoc, f"{root}/{result.path}")
@@ -131,9 +138,12 @@ def deliver(dest: Destination, calling: str, results: Sequence[ResultRecord], ro
             else:
                 crash_point("sender.stored")
                 on_sent(result)
+        if lost is None and not assoc.is_established:  # e.g. aborted after a C-STORE timeout
+            lost = SendError("association lost during the transfer")
     finally:
         if assoc.is_established:
             assoc.release()
+    return lost
 
 
 def sender_owner() -> str:
@@ -141,11 +151,33 @@ def sender_owner() -> str:
 
 
 def send_due(settings: Settings, factory: SessionFactory, clock: Callable[[], datetime],
-             owner: str | None = None) -> int:
-    """Claim and send a batch of due results; return how many were acknowledged."""
+             owner: str | None = None, breaker: CircuitBreaker | None = None) -> int:
+    """Claim and send a batch of due results; return how many were acknowledged.
+
+    With ``breaker``, destinations whose circuit is open are skipped before claiming
+    (their results stay as they are: not claimed, no attempt counted), and the
+    outcome of each association is recorded in it.
+    """
     owner = owner or sender_owner()
+    allowed: set[str] = set()
+    blocked: set[str] = set()
+    if breaker is not None:
+        for configured in settings.destinations:
+            (allowed if breaker.allow(configured.name) else blocked).add(configured.name)
+    attempted: set[str] = set()
+    try:
+        return _send_batch(settings, factory, clock, owner, breaker, blocked, attempted)
+    finally:
+        if breaker is not None:
+            for name in allowed - attempted:  # a half-open trial with nothing to send
+                breaker.release(name)
+
+
+def _send_batch(settings: Settings, factory: SessionFactory, clock: Callable[[], datetime],
+                owner: str, breaker: CircuitBreaker | None, blocked: set[str],
+                attempted: set[str]) -> int:
     lease = settings.send.timeout_seconds * (CLAIM_BATCH + 3)
-    pending = claim_results(factory, owner, clock(), lease, limit=CLAIM_BATCH)
+    pending = claim_results(factory, owner, clock(), lease, limit=CLAIM_BATCH, exclude=blocked)
     if not pending:
         return 0
     by_dest: dict[str, list[ResultRecord]] = defaultdict(list)
@@ -178,7 +210,16 @@ def send_due(settings: Settings, factory: SessionFactory, clock: Callable[[], da
                 on_failed(result, SendError(f"destination {name!r} is not configured",
                                             retryable=False))
             continue
-        deliver(dest, settings.dicom.ae_title, results, str(settings.storage.dir),
-                settings.send.timeout_seconds, on_sent, on_failed,
-                tls_args(dest, settings.dicom.tls))
+        attempted.add(name)
+        failure: SendError | None = SendError("error while sending")
+        try:
+            failure = deliver(dest, settings.dicom.ae_title, results, str(settings.storage.dir),
+                              settings.send.timeout_seconds, on_sent, on_failed,
+                              tls_args(dest, settings.dicom.tls))
+        finally:
+            if breaker is not None:
+                if failure is None:
+                    breaker.record_success(name)
+                else:
+                    breaker.record_failure(name, str(failure))
     return sent

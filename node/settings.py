@@ -9,7 +9,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydicom.datadict import tag_for_keyword
 
 from node.errors import ConfigError
@@ -67,6 +75,8 @@ class DicomSettings(_Section):
     host: str = "0.0.0.0"
     port: Port = 11112
     allowed_calling_ae_titles: list[AETitle] = []
+    allowed_networks: list[IPvAnyNetwork] = []
+    """Source networks allowed to connect (e.g. "10.1.0.0/16"); empty accepts any."""
     max_pdu: Annotated[int, Field(ge=0)] = 0
     """Maximum PDU size we accept; 0 means unlimited (fastest for large instances)."""
     max_associations: Annotated[int, Field(ge=1)] = 32
@@ -78,6 +88,8 @@ class StorageSettings(_Section):
     dir: Path = Path("var")
     min_free_mb: Annotated[int, Field(ge=0)] = 500
     """Below this much free space the SCP answers Out of Resources (0xA700) before writing."""
+    retention_days: Annotated[float, Field(ge=0)] = 0
+    """Days after completion to delete a finished, delivered study (rows and files); 0: keep."""
 
 
 class DatabaseSettings(_Section):
@@ -141,6 +153,10 @@ class SendSettings(_Section):
     backoff_max_seconds: Annotated[float, Field(gt=0)] = 600.0
     interval_seconds: Annotated[float, Field(gt=0)] = 1.0
     timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    breaker_failures: Annotated[int, Field(ge=1)] = 3
+    """Consecutive connection failures that open a destination's circuit."""
+    breaker_open_seconds: Annotated[float, Field(gt=0)] = 30.0
+    """How long an open circuit makes no attempt (doubles per re-open, up to backoff_max)."""
 
 
 class LoggingSettings(_Section):

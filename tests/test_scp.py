@@ -169,3 +169,19 @@ def test_full_disk_answers_out_of_resources(tmp_path: Path, factory: Factory) ->
         assert not list(storage.dir.rglob("*.dcm"))
     finally:
         server.shutdown()
+
+
+def test_connections_from_outside_the_allowed_networks_are_refused(
+        tmp_path: Path, factory: Factory, caplog: pytest.LogCaptureFixture) -> None:
+    port, _, server = serve(tmp_path, factory, allowed_networks=["10.99.0.0/16"])
+    try:
+        with caplog.at_level(logging.WARNING, logger="ainode.scp"):
+            assert echoscu(port) != 0  # 127.0.0.1 is not in 10.99.0.0/16
+        assert any("not in dicom.allowed_networks" in r.getMessage() for r in caplog.records)
+    finally:
+        server.shutdown()
+    port, _, server = serve(tmp_path, factory, allowed_networks=["127.0.0.0/8"])
+    try:
+        assert echoscu(port) == 0
+    finally:
+        server.shutdown()

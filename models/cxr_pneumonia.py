@@ -345,8 +345,9 @@ class CxrPneumoniaModel(Model):
         """Raw network output (log-odds of pneumonia) for one radiograph."""
         net, _ = self._loaded()
         x = self._input(volume)
-        with torch.inference_mode():
-            out = net(x)
+        cuda = self._device.type == "cuda"
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            out = net(x).float()
         return float(out[0].item())
 
     def probability(self, volume: Volume) -> float:

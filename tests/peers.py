@@ -176,6 +176,7 @@ def write_config(path: Path, *, port: int, storage: Path, db_url: str | None = N
         "heartbeat_seconds = 1", "poll_seconds = 0.2",
         "[send]", "backoff_base_seconds = 0.5", "backoff_max_seconds = 2",
         "interval_seconds = 0.5", "max_attempts = 50", "timeout_seconds = 10",
+        "breaker_open_seconds = 2",
         "[logging]", 'level = "INFO"',
         "[admin]", f"port = {admin_port or free_port()}",
     ]

@@ -49,6 +49,7 @@ from node.storage import StorageFull, check_uid, durable_write, ensure_free_spac
 from node.tls import server_context
 
 log = logging.getLogger("ainode.scp")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 VERIFICATION = "1.2.840.10008.1.1"
 STATUS_SUCCESS = 0x0000
@@ -98,6 +99,7 @@ class StoreContext:
     factory: SessionFactory
     clock: Callable[[], datetime]
     ingest: Ingest | None = None
+    max_instance_bytes: int = 2048 * 1024 * 1024
     """The journal-first durable path; without it each instance is written and committed inline."""
 
 
@@ -203,6 +205,8 @@ def handle_store(event: Any, ctx: StoreContext) -> int:
             return STATUS_SUCCESS
         rel = instance_path(meta.study_uid, meta.series_uid, meta.sop_uid)
         data = event.encoded_dataset(include_meta=True)
+        if len(data) > ctx.max_instance_bytes:
+            raise StorageError(f"instance of {len(data)} bytes exceeds dicom.max_instance_mb")
         meta = replace(meta, transfer_syntax=str(event.context.transfer_syntax), path=str(rel),
                        size=len(data), calling_ae=calling)
         if ctx.ingest is not None:
@@ -244,11 +248,19 @@ def handle_rejected(event: Any) -> None:
                 assoc.requestor.port, str(assoc.requestor.ae_title).strip())
 
 
-def handle_accepted(event: Any) -> None:
-    ASSOCIATIONS.labels("accepted").inc()
+def handle_accepted(event: Any, ae_networks: dict[str, list[IPNetwork]]) -> None:
+    """Count the association; abort it when its calling AE may not come from its address."""
     r = event.assoc.requestor
-    log.info("association accepted from %s:%s calling AE %r", r.address, r.port,
-             str(r.ae_title).strip())
+    calling = str(r.ae_title).strip()
+    allowed = ae_networks.get(calling)
+    if allowed is not None and not any(ipaddress.ip_address(r.address) in n for n in allowed):
+        ASSOCIATIONS.labels("rejected").inc()
+        log.warning("association from %s:%s aborted: calling AE %r is not allowed from there "
+                    "(dicom.ae_networks)", r.address, r.port, calling)
+        event.assoc.abort()
+        return
+    ASSOCIATIONS.labels("accepted").inc()
+    log.info("association accepted from %s:%s calling AE %r", r.address, r.port, calling)
 
 
 def quiet_pynetdicom() -> None:
@@ -281,7 +293,7 @@ def make_ae(dicom: DicomSettings) -> AE:
 class _Server(ThreadedAssociationServer):
     """The association server, refusing connections from outside ``allowed_networks``."""
 
-    allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    allowed_networks: list[IPNetwork] = []
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         if not self.allowed_networks:
@@ -304,7 +316,9 @@ def start_scp(dicom: DicomSettings, ctx: StoreContext) -> ThreadedAssociationSer
         (evt.EVT_C_STORE, handle_store, [ctx]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_REJECTED, handle_rejected),
-        (evt.EVT_ACCEPTED, handle_accepted),
+        (evt.EVT_ACCEPTED, handle_accepted, [{
+            ae: [ipaddress.ip_network(str(n)) for n in nets]
+            for ae, nets in dicom.ae_networks.items()}]),
     ]
     ssl_context = server_context(dicom.tls) if dicom.tls.enabled else None
     server = ae.make_server((dicom.host, dicom.port), evt_handlers=handlers,

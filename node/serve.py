@@ -99,7 +99,8 @@ def serve(settings: Settings, config_path: Path | None, stop_timeout: float = 60
     replay(settings.storage.dir, journal, factory)
     ingest = Ingest(settings.storage.dir, journal, factory, utcnow)
     ingest.start()
-    server = start_scp(settings.dicom, StoreContext(settings.storage, factory, utcnow, ingest))
+    server = start_scp(settings.dicom, StoreContext(settings.storage, factory, utcnow, ingest,
+                                                       int(settings.dicom.max_instance_mb * 2**20)))
     admin = start_admin(settings, factory, scp_listening=listening(server))
     scheduler = make_scheduler(settings, factory, utcnow)
     pool = WorkerPool(settings.workers.count, config_path)

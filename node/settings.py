@@ -77,6 +77,10 @@ class DicomSettings(_Section):
     allowed_calling_ae_titles: list[AETitle] = []
     allowed_networks: list[IPvAnyNetwork] = []
     """Source networks allowed to connect (e.g. "10.1.0.0/16"); empty accepts any."""
+    ae_networks: dict[str, list[IPvAnyNetwork]] = {}
+    """Per calling AE title, the networks it may come from (other AE titles: unrestricted)."""
+    max_instance_mb: Annotated[float, Field(gt=0)] = 2048.0
+    """Larger instances are refused with Out of Resources (0xA700) and not stored."""
     max_pdu: Annotated[int, Field(ge=0)] = 0
     """Maximum PDU size we accept; 0 means unlimited (fastest for large instances)."""
     max_associations: Annotated[int, Field(ge=1)] = 32

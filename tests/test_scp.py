@@ -28,8 +28,9 @@ def serve(tmp_path: Path, factory: Factory, ingest: Ingest | None = None, **dico
           ) -> tuple[int, StorageSettings, ThreadedAssociationServer]:
     port = free_port()
     storage = StorageSettings(dir=tmp_path / "store", min_free_mb=int(dicom.pop("min_free", 1)))
+    max_bytes = int(dicom.pop("max_bytes", 2**31))
     settings = DicomSettings(host="127.0.0.1", port=port, **dicom)  # type: ignore[arg-type]
-    server = start_scp(settings, StoreContext(storage, factory, utcnow, ingest))
+    server = start_scp(settings, StoreContext(storage, factory, utcnow, ingest, max_bytes))
     return port, storage, server
 
 
@@ -183,5 +184,27 @@ def test_connections_from_outside_the_allowed_networks_are_refused(
     port, _, server = serve(tmp_path, factory, allowed_networks=["127.0.0.0/8"])
     try:
         assert echoscu(port) == 0
+    finally:
+        server.shutdown()
+
+
+def test_calling_ae_restricted_to_its_networks(tmp_path: Path, factory: Factory,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    port, _, server = serve(tmp_path, factory, ae_networks={"PACS": ["10.99.0.0/16"]})
+    try:
+        with caplog.at_level(logging.WARNING, logger="ainode.scp"):
+            assert echoscu(port, aet="PACS") != 0  # PACS may only come from 10.99/16
+            assert echoscu(port, aet="OTHER") == 0  # not restricted
+        assert any("dicom.ae_networks" in r.getMessage() for r in caplog.records)
+    finally:
+        server.shutdown()
+
+
+def test_oversized_instance_is_refused(tmp_path: Path, factory: Factory) -> None:
+    port, storage, server = serve(tmp_path, factory, max_bytes=100_000)
+    try:
+        out = storescu(port, sorted(CHEST_CT.glob("*.dcm"))[0])  # about 525 kB
+        assert "outofresources" in (out.stdout + out.stderr).lower()  # 0xA700
+        assert count(factory) == 0 and not list(storage.dir.rglob("*.dcm"))
     finally:
         server.shutdown()

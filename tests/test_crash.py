@@ -47,6 +47,7 @@ from tests.peers import (
     wait_until,
     write_config,
 )
+from tests.pg import pg_url_fixture, postgres_fixture  # noqa: F401
 
 pytestmark = pytest.mark.e2e
 ITERATIONS = int(os.environ.get("AINODE_CRASH_ITERATIONS", "6"))
@@ -95,9 +96,17 @@ def alive(node: NodeProcess) -> bool:
     return node.proc.poll() is None
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def node_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The node's database: a SQLite file, or a real PostgreSQL server (tests/pg.py)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'var' / 'ainode.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Engine]:
-    engine = create_engine(f"sqlite:///{tmp_path / 'var' / 'ainode.db'}")
+def db(node_db_url: str) -> Iterator[Engine]:
+    engine = create_engine(node_db_url)
     yield engine
     engine.dispose()
 
@@ -133,10 +142,10 @@ def check_invariants(tmp_path: Path, db: Engine, pacs: Orthanc, sent: dict[Path,
 
 
 def test_kill_at_random_points_loses_nothing_and_duplicates_nothing(
-        tmp_path: Path, node_port: int, orthanc: Orthanc, db: Engine) -> None:
+        tmp_path: Path, node_port: int, orthanc: Orthanc, db: Engine, node_db_url: str) -> None:
     rng = random.Random(SEED)
     config = write_config(
-        tmp_path / "ainode.toml", port=node_port, storage=tmp_path / "var",
+        tmp_path / "ainode.toml", port=node_port, storage=tmp_path / "var", db_url=node_db_url,
         destinations=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
                        "port": orthanc.dicom_port, "objects": ["SEG", "SR", "HEATMAP"]}],
         routes=[{"name": "cxr", "match": {"Modality": ["CR", "DX"]},

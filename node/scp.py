@@ -295,6 +295,20 @@ class _Server(ThreadedAssociationServer):
 
     allowed_networks: list[IPNetwork] = []
 
+    def get_request(self) -> tuple[Any, Any]:
+        """Accept a connection; a TLS handshake is left to the association's own thread.
+
+        pynetdicom does the handshake here, in the accept loop, without a timeout, so
+        one client that connects and stays silent would block every other client.
+        """
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        client.settimeout(self.ae.network_timeout)  # bounds a silent client's handshake
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True,
+                                                  do_handshake_on_connect=False)
+        return client, address
+
     def verify_request(self, request: Any, client_address: Any) -> bool:
         if not self.allowed_networks:
             return True

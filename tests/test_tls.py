@@ -10,6 +10,7 @@ import datetime as dt
 import gc
 import ipaddress
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
@@ -319,3 +320,15 @@ def test_bad_tls_files_are_config_errors(tmp_path: Path, pki: Pki) -> None:
         parse_settings(f'[dicom.tls]\nenabled = true\ncert = "{pki.server_cert}"\n'
                        f'key = "{pki.server_key}"\nrequire_client_cert = true\n')
 
+
+
+@UNCLOSED_CLIENT_SOCKET
+def test_silent_client_does_not_block_the_tls_port(
+        tls_scp: tuple[int, ThreadedAssociationServer], factory: Factory, pki: Pki) -> None:
+    port, _ = tls_scp
+    with socket.create_connection(("127.0.0.1", port), timeout=5):  # connects, says nothing
+        time.sleep(0.3)
+        out = storescu(port, CT[:1], extra=tls_options(pki.client_cert, pki.client_key, pki.ca))
+        assert out.stderr.count("Received Store Response (Success)") == 1, out.stderr
+    assert count(factory) == 1
+    collect_dropped_sockets()

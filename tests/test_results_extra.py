@@ -48,6 +48,19 @@ from node.results.sc import (
     segment_colour,
 )
 from node.volume import build_volume
+from tests.test_results import (
+    ANATOMY,
+    ATTENUATION,
+    HU,
+    LEFT,
+    LUNG,
+    MEAN,
+    ML,
+    NODULE,
+    PATIENT_STUDY_KEYWORDS,
+    RIGHT,
+    VOLUME,
+)
 
 SAMPLES = Path("/work/shared/dicom-samples")
 CT_DIR = SAMPLES / "chest-ct-lung-pet-ct-dx-a0002"
@@ -59,34 +72,7 @@ RADIOGRAPHS = (
     "NIH_CXR14_SC_Covid0000.dcm",  # 8-bit secondary capture, minimal header
 )
 
-ANATOMY = Code("91723000", "SCT", "Anatomical Structure")
-LUNG = Code("39607008", "SCT", "Lung")
-RIGHT = Code("24028007", "SCT", "Right")
-LEFT = Code("7771000", "SCT", "Left")
-VOLUME = Code("118565006", "SCT", "Volume")
-ML = Code("ml", "UCUM", "milliliter")
-ATTENUATION = Code("112031", "DCM", "Attenuation Coefficient")
-MEAN = Code("373098007", "SCT", "Mean")
-HU = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
-NODULE = Code("27925004", "SCT", "Nodule")
 PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
-
-#: Patient/study attributes every result must carry as in the source (after
-#: ``source_headers`` emptied the invalid ones).
-PATIENT_STUDY_KEYWORDS = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "PatientAge",
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "StudyID",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-    "StudyDescription",
-)
 
 PNG_CT = Path("/tmp/ainode-sc-ct.png")
 PNG_CXR = Path("/tmp/ainode-sc-cxr.png")

@@ -525,3 +525,31 @@ def drop_unreadable_pixel_measures(seg: Dataset) -> None:
     if len(measures) == 1 and "SliceThickness" in measures[0]:
         return
     del shared[0].PixelMeasuresSequence
+
+
+def _designators(items: Sequence[Dataset]) -> set[str]:
+    """Every Coding Scheme Designator in ``items`` and their nested sequences."""
+    found: set[str] = set()
+    for item in items:
+        for element in item:
+            if element.keyword == "CodingSchemeDesignator":
+                found.add(str(element.value))
+            elif element.VR == "SQ":
+                found |= _designators(element.value)
+    return found
+
+
+def identify_local_schemes(ds: Dataset, items: Sequence[Dataset]) -> None:
+    """List the local ("99...") coding schemes used in ``items`` in ``ds``'s Coding Scheme
+    Identification Sequence."""
+    local = sorted(d for d in _designators(items) if d.startswith("99"))
+    if not local:
+        return
+    entries = []
+    for designator in local:
+        entry = Dataset()
+        entry.CodingSchemeDesignator = designator
+        entry.CodingSchemeName = "ainode local codes"
+        entry.CodingSchemeResponsibleOrganization = "ainode project"
+        entries.append(entry)
+    ds.CodingSchemeIdentificationSequence = entries

@@ -40,6 +40,7 @@ from node.results.common import (
     ResultKind,
     coded,
     drop_unreadable_pixel_measures,
+    identify_local_schemes,
     no_patient_name_warning,
     source_headers,
 )
@@ -130,27 +131,6 @@ def _pixel_array(heatmaps: Sequence[Heatmap]) -> npt.NDArray[np.float32]:
     return np.stack([np.asarray(h.array, dtype=np.float32) for h in heatmaps], axis=-1)
 
 
-def _identify_local_schemes(seg: Dataset) -> None:
-    """List local ("99...") coding schemes of the segment codes in Coding Scheme Identification."""
-    designators: set[str] = set()
-    for item in seg.SegmentSequence:
-        for keyword in ("SegmentedPropertyCategoryCodeSequence",
-                        "SegmentedPropertyTypeCodeSequence"):
-            for code_item in item.get(keyword, []):
-                designators.add(str(code_item.CodingSchemeDesignator))
-    local = sorted(d for d in designators if d.startswith("99"))
-    if not local:
-        return
-    items = []
-    for designator in local:
-        entry = Dataset()
-        entry.CodingSchemeDesignator = designator
-        entry.CodingSchemeName = "ainode local codes"
-        entry.CodingSchemeResponsibleOrganization = "ainode project"
-        items.append(entry)
-    seg.CodingSchemeIdentificationSequence = items
-
-
 def build_heatmap_seg(
     sources: Sequence[Dataset], prediction: Prediction, ctx: ResultContext
 ) -> hd.seg.Segmentation | None:
@@ -205,5 +185,5 @@ def build_heatmap_seg(
         )
     _add_patient_orientation(seg, headers[0])
     drop_unreadable_pixel_measures(seg)
-    _identify_local_schemes(seg)
+    identify_local_schemes(seg, seg.SegmentSequence)
     return seg

@@ -75,6 +75,7 @@ from node.results.common import (
     ResultKind,
     check_sources,
     coded,
+    identify_local_schemes,
     no_patient_name_warning,
     source_headers,
 )
@@ -488,31 +489,6 @@ def build_sr(
             software_versions=ctx.software_version,
             device_serial_number=ctx.device_serial_number,
         )
-    _identify_private_schemes(sr)
+    identify_local_schemes(sr, sr.ContentSequence)
     return sr
 
-
-def _designators(items: Sequence[Dataset]) -> set[str]:
-    found: set[str] = set()
-    for item in items:
-        for element in item:
-            if element.keyword == "CodingSchemeDesignator":
-                found.add(str(element.value))
-            elif element.VR == "SQ":
-                found |= _designators(element.value)
-    return found
-
-
-def _identify_private_schemes(sr: Dataset) -> None:
-    """Identify local ("99...") coding schemes in the Coding Scheme Identification Sequence."""
-    private = sorted(d for d in _designators(sr.ContentSequence) if d.startswith("99"))
-    if not private:
-        return
-    items = []
-    for designator in private:
-        item = Dataset()
-        item.CodingSchemeDesignator = designator
-        item.CodingSchemeName = "ainode local codes"
-        item.CodingSchemeResponsibleOrganization = "ainode project"
-        items.append(item)
-    sr.CodingSchemeIdentificationSequence = items

@@ -28,6 +28,7 @@ from sqlalchemy import (
     Select,
     and_,
     func,
+    insert,
     or_,
     select,
     update,
@@ -153,44 +154,65 @@ def record_instance(factory: SessionFactory, meta: InstanceMeta, now: datetime) 
 
 def record_instances(factory: SessionFactory, metas: Sequence[InstanceMeta], now: datetime
                      ) -> list[bool]:
-    """Record a batch of stored instances in one transaction (see :func:`record_instance`)."""
+    """Record a batch of stored instances in one transaction (see :func:`record_instance`).
+
+    A handful of statements per batch, whatever its size: one lookup of the SOP
+    Instance UIDs already known, one of the studies and one of the series
+    involved, and one multi-row insert of the new instances.
+    """
     for attempt in range(INGEST_RETRIES):
         try:
             with factory.begin() as s:
-                return [_add_instance(s, meta, now) for meta in metas]
+                return _add_instances(s, metas, now)
         except IntegrityError:
             if attempt == INGEST_RETRIES - 1:
                 raise
     raise AssertionError("unreachable")
 
 
-def _add_instance(s: Session, meta: InstanceMeta, now: datetime) -> bool:
-    if s.scalar(select(Instance.id).where(Instance.sop_uid == meta.sop_uid)) is not None:
-        return False
-    study = s.scalar(_locked(s, select(Study).where(Study.study_uid == meta.study_uid)))
-    if study is None:
-        study = Study(study_uid=meta.study_uid, accession_number=meta.accession_number,
-                      first_received_at=now, last_received_at=now, runs=0)
-        s.add(study)
-        s.flush()
-    study.last_received_at = now
-    series = s.scalar(_locked(s, select(Series).where(Series.series_uid == meta.series_uid)))
-    if series is None:
-        series = Series(study_id=study.id, series_uid=meta.series_uid, modality=meta.modality,
-                        sop_class_uid=meta.sop_class_uid, body_part=meta.body_part,
-                        series_description=meta.series_description,
-                        series_number=meta.series_number, instance_count=0,
-                        last_received_at=now, pending=True, runs=0)
-        s.add(series)
-        s.flush()
-    series.instance_count += 1
-    series.last_received_at = now
-    series.pending = True
-    s.add(Instance(series_id=series.id, sop_uid=meta.sop_uid,
-                   sop_class_uid=meta.sop_class_uid, transfer_syntax=meta.transfer_syntax,
-                   path=meta.path, size=meta.size, calling_ae=meta.calling_ae,
-                   received_at=now))
-    return True
+def _add_instances(s: Session, metas: Sequence[InstanceMeta], now: datetime) -> list[bool]:
+    known = set(s.scalars(select(Instance.sop_uid).where(
+        Instance.sop_uid.in_({m.sop_uid for m in metas}))))
+    fresh: list[InstanceMeta] = []
+    flags: list[bool] = []
+    for meta in metas:
+        new = meta.sop_uid not in known
+        known.add(meta.sop_uid)
+        flags.append(new)
+        if new:
+            fresh.append(meta)
+    if not fresh:
+        return flags
+    studies = {st.study_uid: st for st in s.scalars(_locked(s, select(Study).where(
+        Study.study_uid.in_({m.study_uid for m in fresh}))))}
+    series = {se.series_uid: se for se in s.scalars(_locked(s, select(Series).where(
+        Series.series_uid.in_({m.series_uid for m in fresh}))))}
+    for meta in fresh:
+        study = studies.get(meta.study_uid)
+        if study is None:
+            study = studies[meta.study_uid] = Study(
+                study_uid=meta.study_uid, accession_number=meta.accession_number,
+                first_received_at=now, last_received_at=now, runs=0)
+            s.add(study)
+        study.last_received_at = now
+        one = series.get(meta.series_uid)
+        if one is None:
+            one = series[meta.series_uid] = Series(
+                study=study, series_uid=meta.series_uid, modality=meta.modality,
+                sop_class_uid=meta.sop_class_uid, body_part=meta.body_part,
+                series_description=meta.series_description, series_number=meta.series_number,
+                instance_count=0, last_received_at=now, pending=True, runs=0)
+            s.add(one)
+        one.instance_count += 1
+        one.last_received_at = now
+        one.pending = True
+    s.flush()  # ids for new studies and series
+    s.execute(insert(Instance), [
+        {"series_id": series[m.series_uid].id, "sop_uid": m.sop_uid,
+         "sop_class_uid": m.sop_class_uid, "transfer_syntax": m.transfer_syntax,
+         "path": m.path, "size": m.size, "calling_ae": m.calling_ae, "received_at": now}
+        for m in fresh])
+    return flags
 
 
 def known_instances(factory: SessionFactory, sop_uids: Sequence[str]) -> set[str]:

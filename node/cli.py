@@ -57,6 +57,21 @@ def serve(config: ConfigOption = None) -> None:
     raise typer.Exit(run(settings, config))
 
 
+@app.command(hidden=True)
+def acceptor(index: Annotated[int, typer.Option(help="Which acceptor this is.")],
+             channel: Annotated[int, typer.Option(help="Unix channel fd from serve.")],
+             config: ConfigOption = None) -> None:
+    """One of dicom.acceptors processes receiving associations (started by serve)."""
+    import socket
+
+    from node.acceptors import run_acceptor
+    from node.logs import configure
+
+    settings = _settings(config)
+    configure(settings.logging.level)
+    raise typer.Exit(run_acceptor(settings, index, socket.socket(fileno=channel)))
+
+
 @app.command()
 def worker(config: ConfigOption = None,
            device: Annotated[str | None, typer.Option(help="Override workers.device.")] = None

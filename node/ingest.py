@@ -29,7 +29,7 @@ from db.queue import (
     record_instances,
 )
 from node.faults import crash_point
-from node.journal import Segment, Ticket, read_segment, segments
+from node.journal import Buffer, Payload, Segment, Ticket, parts_of, read_segment, segments
 from node.storage import durable_write
 
 log = logging.getLogger("ainode.ingest")
@@ -38,13 +38,20 @@ BATCH = 64
 BATCH_SECONDS = 0.05
 
 
-def _write_file(root: Path, rel: Path, data: bytes | memoryview) -> None:
+def _write_file(root: Path, rel: Path, parts: list[Buffer]) -> None:
     """Write a file atomically (temp + rename), without a flush: the journal covers it."""
     folder = root / rel.parent
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{rel.name}.{uuid.uuid4().hex}.tmp"
-    with tmp.open("wb") as handle:
-        handle.write(data)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        total, written = sum(len(p) for p in parts), os.writev(fd, parts)
+        if written != total:  # rare (a signal, a full disk): finish piece by piece
+            rest = memoryview(b"".join(parts))[written:]
+            while rest:
+                rest = rest[os.write(fd, rest):]
+    finally:
+        os.close(fd)
     os.replace(tmp, root / rel)
 
 
@@ -74,7 +81,7 @@ class Ingest:
     _pending: set[str] = field(default_factory=set)
     _current: _Open | None = None
     _segments: dict[Path, _Open] = field(default_factory=dict)
-    _queue: queue.Queue[tuple[InstanceMeta, bytes, Path] | None] = field(
+    _queue: queue.Queue[tuple[InstanceMeta, list[Buffer], Path] | None] = field(
         default_factory=queue.Queue)
     _thread: threading.Thread | None = None
     _failed: BaseException | None = None
@@ -98,7 +105,7 @@ class Ingest:
 
     # --- called by C-STORE handler threads ------------------------------------------
 
-    def store(self, meta: InstanceMeta, data: bytes) -> bool:
+    def store(self, meta: InstanceMeta, data: Payload) -> bool:
         """Make the instance durable; False when the same SOP Instance UID is in flight.
 
         An instance already in the database is journaled all the same and dropped
@@ -111,29 +118,40 @@ class Ingest:
             if meta.sop_uid in self._pending:
                 return False
             self._pending.add(meta.sop_uid)
+        parts = parts_of(data)
         try:
-            opened, ticket = self._append(meta, data)
+            opened, ticket = self._append(meta, parts)
             opened.segment.wait_durable(ticket)
         except BaseException:
             with self._lock:
                 self._pending.discard(meta.sop_uid)
             raise
-        self._queue.put((meta, data, opened.segment.path))
+        self._queue.put((meta, parts, opened.segment.path))
         return True
 
-    def _append(self, meta: InstanceMeta, data: bytes) -> tuple[_Open, Ticket]:
+    def _append(self, meta: InstanceMeta, parts: list[Buffer]) -> tuple[_Open, Ticket]:
         header = {**asdict(meta), "received_at": self.clock().isoformat()}
+        length = sum(len(p) for p in parts)
         with self._lock:
             opened = self._current
-            if opened is None or not opened.segment.fits(len(data) + 4096):
+            if opened is None or not opened.segment.fits(length + 4096):
                 if opened is not None:
                     opened.sealed = True
-                size = max(self.segment_bytes, len(data) + 65536)
+                size = max(self.segment_bytes, length + 65536)
                 opened = _Open(Segment(self.journal, size))
                 self._segments[opened.segment.path] = opened
                 self._current = opened
             opened.outstanding += 1
-        return opened, opened.segment.append(header, data)
+        try:
+            return opened, opened.segment.append(header, parts)
+        except BaseException:
+            with self._lock:  # a broken segment is sealed: the next record opens a new one
+                opened.outstanding -= 1
+                if opened.segment.broken:
+                    opened.sealed = True
+                    if self._current is opened:
+                        self._current = None
+            raise
 
     # --- the materializer thread --------------------------------------------------------
 
@@ -161,7 +179,7 @@ class Ingest:
                     return
             self._retire()
 
-    def _materialize(self, batch: list[tuple[InstanceMeta, bytes, Path]]) -> None:
+    def _materialize(self, batch: list[tuple[InstanceMeta, list[Buffer], Path]]) -> None:
         known = known_instances(self.factory, [meta.sop_uid for meta, _, _ in batch])
         fresh = [meta for meta, _, _ in batch if meta.sop_uid not in known]
         for meta, data, _ in batch:

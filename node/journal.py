@@ -25,7 +25,7 @@ import struct
 import threading
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,16 +34,35 @@ HEAD = struct.Struct("<4sIQI")
 SEGMENT_BYTES = 512 * 1024 * 1024
 
 
+Buffer = bytes | bytearray | memoryview
+Payload = Buffer | Sequence[Buffer]
+"""A record's payload: one buffer, or several written back to back (no copy to join them)."""
+
+
+def parts_of(payload: Payload) -> list[Buffer]:
+    return [payload] if isinstance(payload, bytes | bytearray | memoryview) else list(payload)
+
+
 @dataclass(frozen=True)
 class Ticket:
-    """Where a record ends; durable once the segment is synced past ``end``."""
+    """A written record: durable once a flush that started after its write has finished."""
 
     segment: Path
     end: int
+    sync_needed: int
+
+
+class JournalWriteError(OSError):
+    """A record could not be written whole; the segment takes no more records."""
 
 
 class Segment:
-    """One preallocated journal file, appended to by many threads, flushed in groups."""
+    """One preallocated journal file, appended to by many threads, flushed in groups.
+
+    Records are written one at a time, in offset order, so a crash can tear only
+    the last one. A record is durable once a flush that *started after its write
+    completed* has returned; concurrent writers share such flushes (group commit).
+    """
 
     def __init__(self, folder: Path, size: int = SEGMENT_BYTES) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -61,42 +80,59 @@ class Segment:
         self._lock = threading.Lock()
         self._sync = threading.Condition(threading.Lock())
         self._written = 0
-        self._synced = 0
+        self._syncs_started = 0
+        self._syncs_done = 0
         self._syncing = False
+        self.broken = False
         self.closed = False
 
     def fits(self, length: int) -> bool:
-        return self._written + HEAD.size + length <= self.size
+        return not self.broken and self._written + HEAD.size + length <= self.size
 
-    def append(self, header: dict[str, object], payload: bytes | memoryview) -> Ticket:
+    def append(self, header: dict[str, object], payload: Payload) -> Ticket:
         """Write one record (not yet durable: pass the ticket to :meth:`wait_durable`)."""
+        parts = parts_of(payload)
         head = json.dumps(header, separators=(",", ":")).encode()
-        crc = zlib.crc32(payload, zlib.crc32(head))
-        record = HEAD.pack(MAGIC, len(head), len(payload), crc) + head
-        with self._lock:
+        length = sum(len(p) for p in parts)
+        crc = zlib.crc32(head)
+        for part in parts:
+            crc = zlib.crc32(part, crc)
+        record = HEAD.pack(MAGIC, len(head), length, crc) + head
+        total = len(record) + length
+        with self._lock:  # one writer at a time: only the last record can ever be torn
+            if self.broken:
+                raise JournalWriteError(f"journal segment {self.path.name} is broken")
             offset = self._written
-            self._written += len(record) + len(payload)
-        os.pwrite(self._fd, record, offset)
-        os.pwrite(self._fd, payload, offset + len(record))
-        return Ticket(self.path, offset + len(record) + len(payload))
+            try:
+                written = os.pwritev(self._fd, [record, *parts], offset)
+                if written != total:
+                    raise JournalWriteError(f"short write ({written} of {total} bytes)")
+            except OSError:
+                self.broken = True
+                raise
+            self._written = offset + total
+        with self._sync:
+            needed = self._syncs_started + 1  # a flush already running may predate the write
+        return Ticket(self.path, offset + total, needed)
 
     def wait_durable(self, ticket: Ticket) -> None:
-        """Return once a flush covers ``ticket``; one caller flushes for all who wait."""
+        """Return once a flush started after the write has finished; one flushes for all."""
         with self._sync:
-            while self._synced < ticket.end:
+            while self._syncs_done < ticket.sync_needed:
                 if self._syncing:
                     self._sync.wait()
                     continue
                 self._syncing = True
-                target = self._written
+                self._syncs_started += 1
+                number = self._syncs_started
                 self._sync.release()
                 try:
                     os.fdatasync(self._fd)
                 finally:
                     self._sync.acquire()
                     self._syncing = False
-                self._synced = max(self._synced, target)
-                self._sync.notify_all()
+                    self._sync.notify_all()
+                self._syncs_done = number
 
     def close(self) -> None:
         if not self.closed:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -12,13 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine
 
 from db.engine import make_engine, make_session_factory
 from db.migrate import upgrade
+from node.acceptors import AcceptorPool, node_id, replay_all
 from node.admin.server import listening, start_admin
 from node.clock import utcnow
-from node.ingest import Ingest, journal_dir, replay
+from node.ingest import Ingest, journal_dir
+from node.reactor import check_supported
 from node.scheduler import make_scheduler
 from node.scp import StoreContext, start_scp
 from node.settings import Settings
@@ -95,16 +97,27 @@ def serve(settings: Settings, config_path: Path | None, stop_timeout: float = 60
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    journal = journal_dir(settings.storage.dir, f"{socket.gethostname()}-{settings.dicom.port}")
-    replay(settings.storage.dir, journal, factory)
-    ingest = Ingest(settings.storage.dir, journal, factory, utcnow)
-    ingest.start()
-    server = start_scp(settings.dicom, StoreContext(settings.storage, factory, utcnow, ingest,
-                                                       int(settings.dicom.max_instance_mb * 2**20)))
-    admin = start_admin(settings, factory, scp_listening=listening(server))
+    replay_all(settings, factory)
+    ingest: Ingest | None = None
+    server: ThreadedAssociationServer | None = None
+    acceptors: AcceptorPool | None = None
+    if settings.dicom.acceptors > 1 and check_supported():
+        acceptors = AcceptorPool(settings, config_path, settings.dicom.acceptors)
+        acceptors.start()
+        probe = acceptors.listening
+    else:
+        ingest = Ingest(settings.storage.dir, journal_dir(settings.storage.dir, node_id(settings)),
+                        factory, utcnow)
+        ingest.start()
+        server = start_scp(settings.dicom, StoreContext(
+            settings.storage, factory, utcnow, ingest, int(settings.dicom.max_instance_mb * 2**20)))
+        probe = listening(server)
+    admin = start_admin(settings, factory, scp_listening=probe)
     scheduler = make_scheduler(settings, factory, utcnow)
     pool = WorkerPool(settings.workers.count, config_path)
     scheduler.add_job(pool.supervise, "interval", seconds=2, id="supervise-workers")
+    if acceptors is not None:
+        scheduler.add_job(acceptors.supervise, "interval", seconds=1, id="supervise-acceptors")
     pool.start()
     scheduler.start()
     log.info("ainode serving: AE %s on port %d, %d worker(s), %d route(s), %d destination(s)",
@@ -115,8 +128,12 @@ def serve(settings: Settings, config_path: Path | None, stop_timeout: float = 60
     finally:
         if admin is not None:
             admin.stop()
-        server.shutdown()
-        ingest.stop()
+        if server is not None:
+            server.shutdown()
+        if ingest is not None:
+            ingest.stop()
+        if acceptors is not None:
+            acceptors.stop(stop_timeout)
         pool.stop(stop_timeout)
         scheduler.shutdown(wait=True)
         engine.dispose()

@@ -84,6 +84,9 @@ class DicomSettings(_Section):
     max_pdu: Annotated[int, Field(ge=0)] = 0
     """Maximum PDU size we accept; 0 means unlimited (fastest for large instances)."""
     max_associations: Annotated[int, Field(ge=1)] = 32
+    """Per acceptor process."""
+    acceptors: Annotated[int, Field(ge=1, le=64)] = 1
+    """Processes receiving associations; more than 1 spreads them over cores (one per core)."""
     network_timeout: Annotated[float, Field(gt=0)] = 60.0
     tls: TLSSettings = TLSSettings()
 

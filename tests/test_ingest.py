@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import pydicom
+import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -80,3 +83,26 @@ def test_other_nodes_journals_are_left_alone(tmp_path: Path,
     other.store(*metas(1)[0])
     assert replay(root, journal_dir(root, "node-a"), factory) == 0
     assert len(segments(journal_dir(root, "node-b"))) == 1
+
+
+def test_a_failed_journal_write_is_refused_and_the_next_instance_opens_a_new_segment(
+        tmp_path: Path, factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "store"
+    journal = journal_dir(root, "node-a")
+    crashed = Ingest(root, journal, factory, utcnow)  # no writer thread: the journal stays
+    (first, data1), (second, data2), (third, data3) = metas(3)
+    assert crashed.store(first, data1)
+    real_write = os.pwritev
+
+    def failing(fd: int, buffers: list[bytes], offset: int) -> int:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "pwritev", failing)
+    with pytest.raises(OSError):
+        crashed.store(second, data2)  # the SCP answers 0xA700: not acknowledged
+    monkeypatch.setattr(os, "pwritev", real_write)
+    assert crashed.store(third, data3)
+    assert len(segments(journal)) == 2  # the broken segment takes nothing more
+    assert replay(root, journal, factory) == 2
+    with factory() as s:
+        assert set(s.scalars(select(Instance.sop_uid))) == {first.sop_uid, third.sop_uid}

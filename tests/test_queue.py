@@ -25,6 +25,7 @@ from db.queue import (
     mark_send_failed,
     mark_sent,
     record_instance,
+    record_instances,
     requeue_expired,
     skip_job,
 )
@@ -70,6 +71,25 @@ def test_duplicate_instance_is_recorded_once(factory: Factory) -> None:
     with factory() as s:
         series = s.scalars(select(Series)).one()
         assert series.instance_count == 1
+
+
+def test_a_batch_records_new_studies_series_and_duplicates_in_one_go(factory: Factory) -> None:
+    assert record_instance(factory, meta("1.9.1"), T0)
+    batch = [meta("1.9.1"),                                   # already recorded
+             meta("1.9.2"), meta("1.9.3"), meta("1.9.2"),      # new, and a repeat in the batch
+             meta("1.9.4", series="1.2.3.2"),                 # a new series of the same study
+             meta("1.9.5", series="1.2.4.1", study="1.2.4")]  # a new study
+    later = T0 + timedelta(seconds=5)
+    assert record_instances(factory, batch, later) == [False, True, True, False, True, True]
+    with factory() as s:
+        counts = {se.series_uid: se.instance_count for se in s.scalars(select(Series))}
+        assert counts == {"1.2.3.1": 3, "1.2.3.2": 1, "1.2.4.1": 1}
+        assert all(se.pending and se.last_received_at == later
+                   for se in s.scalars(select(Series)))
+        studies = {st.study_uid: st for st in s.scalars(select(Study))}
+        assert set(studies) == {"1.2.3", "1.2.4"}
+        assert studies["1.2.3"].first_received_at == T0
+        assert studies["1.2.3"].last_received_at == later
 
 
 def test_study_completes_only_after_quiet_period(factory: Factory) -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
+from pynetdicom import AE
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,9 +20,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.schema import Instance
 from node.clock import utcnow
 from node.ingest import Ingest, journal_dir
-from node.scp import StoreContext, start_scp
+from node.reactor import EventDrivenAssociation, check_supported
+from node.scp import StoreContext, file_meta_header, start_scp
 from node.settings import DicomSettings, StorageSettings
-from tests.peers import CHEST_CT, SAMPLES, echoscu, free_port, storescu
+from tests.peers import CHEST_CT, SAMPLES, echoscu, free_port, storescu, wait_until
 
 Factory = sessionmaker[Session]
 
@@ -208,3 +212,39 @@ def test_oversized_instance_is_refused(tmp_path: Path, factory: Factory) -> None
         assert count(factory) == 0 and not list(storage.dir.rglob("*.dcm"))
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize(("sop_class", "sop_instance", "syntax"), [
+    ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1"),
+    ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.45", "1.2.840.10008.1.2"),
+    ("1.2.840.10008.5.1.4.1.1.7", "1.2.826.0.1.3680043.8.498." + "1" * 37,
+     "1.2.840.10008.1.2.4.50"),
+])
+def test_file_meta_header_is_what_pynetdicom_encodes(sop_class: str, sop_instance: str,
+                                                      syntax: str) -> None:
+    expected = b"\x00" * 128 + b"DICM" + encode_file_meta(create_file_meta(
+        sop_class_uid=sop_class, sop_instance_uid=sop_instance, transfer_syntax=syntax))
+    assert file_meta_header(sop_class, sop_instance, syntax) == expected
+
+
+def test_associations_run_on_the_event_driven_loops(scp: tuple[int, StorageSettings],
+                                                    factory: Factory) -> None:
+    """The pinned pynetdicom is the one node.reactor was written for, so the SCP uses it;
+    many C-STOREs on one association all land."""
+    assert check_supported()
+    port, _storage = scp
+    source = pydicom.dcmread(sorted(CHEST_CT.glob("*.dcm"))[0])
+    ae = AE(ae_title="LOOPS")
+    ae.add_requested_context(source.SOPClassUID, source.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="AINODE")
+    assert assoc.is_established
+    try:
+        assert any(isinstance(t, EventDrivenAssociation) for t in threading.enumerate())
+        for i in range(30):
+            source.SOPInstanceUID = source.file_meta.MediaStorageSOPInstanceUID = \
+                f"1.2.826.0.1.3680043.8.498.77.{i + 1}"
+            status = assoc.send_c_store(source)
+            assert status.Status == 0x0000
+    finally:
+        assoc.release()
+    wait_until(lambda: count(factory) == 30, 20, what="30 rows")

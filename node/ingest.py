@@ -34,8 +34,8 @@ from node.storage import durable_write
 
 log = logging.getLogger("ainode.ingest")
 JOURNAL = "journal"
-BATCH = 64
-BATCH_SECONDS = 0.05
+BATCH = 128
+BATCH_SECONDS = 0.2
 
 
 def _write_file(root: Path, rel: Path, parts: list[Buffer]) -> None:

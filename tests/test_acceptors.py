@@ -143,7 +143,7 @@ def test_acknowledged_instances_survive_an_acceptor_crash(tmp_path: Path,
              *map(str, series[i::2])], env=dcmtk_env(), stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True) for i in range(2)]
         acked = set().union(*(_acknowledged(s.communicate(timeout=120)[0]) for s in senders))
-        assert marker.exists()
+        wait_until(marker.exists, 30, what="the acceptor's crash")
         assert acked
         uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
                 for f in acked}

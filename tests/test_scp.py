@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.schema import Instance
 from node.clock import utcnow
-from node.ingest import Ingest, journal_dir
+from node.ingest import BATCH_SECONDS, Ingest, journal_dir
 from node.reactor import EventDrivenAssociation, check_supported
 from node.scp import StoreContext, file_meta_header, start_scp
 from node.settings import DicomSettings, StorageSettings
@@ -65,7 +65,7 @@ def count(factory: Factory) -> int:
     deadline = time.monotonic() + 5
     value = _rows(factory)
     while time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(BATCH_SECONDS + 0.1)  # longer than the ingest thread gathers a batch
         now = _rows(factory)
         if now == value:
             return now

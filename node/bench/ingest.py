@@ -32,6 +32,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
+ACCEPTORS = os.cpu_count() or 1
+"""The node as configured for this machine: one acceptor process per core."""
 
 
 def free_port() -> int:
@@ -96,6 +98,7 @@ def start_node(work: Path, port: int) -> subprocess.Popen[bytes]:
     config = work / "ainode.toml"
     config.write_text(
         f'[dicom]\nae_title = "AINODE"\nhost = "127.0.0.1"\nport = {port}\n'
+        f"acceptors = {ACCEPTORS}\n"
         f'[storage]\ndir = "{work / "var"}"\nmin_free_mb = 1\n'
         f'[database]\nurl = "sqlite:///{work / "var" / "ainode.db"}"\n'
         '[workers]\ncount = 0\n[study]\nstable_seconds = 3600\n[logging]\nlevel = "WARNING"\n'
@@ -190,7 +193,7 @@ def main() -> None:
         mb = sum(f.stat().st_size for f in files) / 1e6
         print(f"machine: {machine()}")
         print(f"study: {len(files)} CT slices 512x512, {mb:.1f} MB, loopback, storescu "
-              f"TCP_NODELAY=1, storage on {root}")
+              f"TCP_NODELAY=1, storage on {root}; ainode with dicom.acceptors = {ACCEPTORS}")
         rates: dict[tuple[str, int], float] = {}
         for n in args.associations:
             for target in TARGETS:

@@ -27,6 +27,7 @@ import os
 import queue
 import select
 import socket
+import struct
 import threading
 import time
 import weakref
@@ -37,8 +38,11 @@ import pynetdicom
 from pynetdicom import evt
 from pynetdicom.association import LOGGER as ASSOC_LOG
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE, DimsePrimitiveType
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 log = logging.getLogger("ainode.scp")
@@ -274,10 +278,60 @@ class LargeReadSocket(AssociationSocket):
         return buffer
 
 
+def _implicit(group: int, element: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", group, element, len(value)) + value
+
+
+def _uid(value: object) -> bytes:
+    raw = str(value).encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def store_response_command(sop_class: object, sop_instance: object, message_id: int,
+                           status: int) -> bytes:
+    """A C-STORE-RSP command set, encoded as pynetdicom encodes it (a test compares).
+
+    Little endian implicit VR, PS3.7 9.3.1.2: what a response with only a status
+    holds. pynetdicom builds it through a general pydicom Dataset, about 0.2 ms
+    of each instance's time on the receive path.
+    """
+    body = (_implicit(0x0000, 0x0002, _uid(sop_class))
+            + _implicit(0x0000, 0x0100, struct.pack("<H", 0x8001))
+            + _implicit(0x0000, 0x0120, struct.pack("<H", message_id))
+            + _implicit(0x0000, 0x0800, struct.pack("<H", 0x0101))
+            + _implicit(0x0000, 0x0900, struct.pack("<H", status))
+            + _implicit(0x0000, 0x1000, _uid(sop_instance)))
+    return _implicit(0x0000, 0x0000, struct.pack("<I", len(body))) + body
+
+
+class DirectStoreResponses(DIMSEServiceProvider):
+    """Sends a plain C-STORE response without building it as a pydicom Dataset.
+
+    Anything else (other messages, a response with an error comment or an
+    offending element, a bound EVT_DIMSE_SENT handler) takes pynetdicom's path.
+    """
+
+    def send_msg(self, primitive: DimsePrimitiveType, context_id: int) -> None:
+        if (not isinstance(primitive, C_STORE) or primitive.MessageIDBeingRespondedTo is None
+                or primitive.Status is None or primitive.ErrorComment is not None
+                or primitive.OffendingElement is not None
+                or self.assoc.get_handlers(evt.EVT_DIMSE_SENT)):
+            super().send_msg(primitive, context_id)
+            return
+        command = store_response_command(
+            primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID,
+            int(primitive.MessageIDBeingRespondedTo), int(primitive.Status))
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
+        self.dul.send_pdu(pdata)
+
+
 def make_event_driven(assoc: Association) -> Association:
     """Switch a new, not yet started acceptor association to the event-driven loops."""
     if type(assoc.dul.socket) is AssociationSocket:
         assoc.dul.socket.__class__ = LargeReadSocket
+    if type(assoc.dimse) is DIMSEServiceProvider:
+        assoc.dimse.__class__ = DirectStoreResponses
     assoc.dul.__class__ = EventDrivenDUL
     cast(EventDrivenDUL, assoc.dul)._install()
     assoc.__class__ = EventDrivenAssociation

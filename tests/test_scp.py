@@ -12,6 +12,8 @@ from pathlib import Path
 import pydicom
 import pytest
 from pynetdicom import AE
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import func, select
@@ -20,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.schema import Instance
 from node.clock import utcnow
 from node.ingest import BATCH_SECONDS, Ingest, journal_dir
-from node.reactor import EventDrivenAssociation, check_supported
+from node.reactor import EventDrivenAssociation, check_supported, store_response_command
 from node.scp import StoreContext, file_meta_header, start_scp
 from node.settings import DicomSettings, StorageSettings
 from tests.peers import CHEST_CT, SAMPLES, echoscu, free_port, storescu, wait_until
@@ -248,3 +250,18 @@ def test_associations_run_on_the_event_driven_loops(scp: tuple[int, StorageSetti
     finally:
         assoc.release()
     wait_until(lambda: count(factory) == 30, 20, what="30 rows")
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xA700, 0xA900, 0xC210])
+@pytest.mark.parametrize("sop_instance", ["1.2.3.4", "1.2.826.0.1.3680043.8.498.12345"])
+def test_store_response_is_what_pynetdicom_encodes(status: int, sop_instance: str) -> None:
+    rsp = C_STORE()
+    rsp.MessageID = rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    rsp.AffectedSOPInstanceUID = sop_instance
+    rsp.Status = status
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    (pdata,) = list(message.encode_msg(1, 16384))
+    assert pdata.presentation_data_value_list == [
+        (1, b"\x03" + store_response_command(rsp.AffectedSOPClassUID, sop_instance, 7, status))]

@@ -41,9 +41,13 @@ BATCH_SECONDS = 0.2
 def _write_file(root: Path, rel: Path, parts: list[Buffer]) -> None:
     """Write a file atomically (temp + rename), without a flush: the journal covers it."""
     folder = root / rel.parent
-    folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{rel.name}.{uuid.uuid4().hex}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    try:
+        fd = os.open(tmp, flags, 0o640)
+    except FileNotFoundError:  # the series' first instance: make its folder
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, flags, 0o640)
     try:
         total, written = sum(len(p) for p in parts), os.writev(fd, parts)
         if written != total:  # rare (a signal, a full disk): finish piece by piece

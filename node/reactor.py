@@ -41,12 +41,16 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE, DimsePrimitiveType
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
+from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 log = logging.getLogger("ainode.scp")
 SUPPORTED = ("3.0.",)
+P_DATA_TF_TYPE = 0x04
+P_DATA_TF_EVENT = "Evt10"
+"""PS3.8 9.2 state machine event: P-DATA-TF PDU received."""
 IDLE_WAKE = 0.01
 """Longest a thread sleeps without a signal (timers: ARTIM, network timeout)."""
 
@@ -108,6 +112,33 @@ class EventDrivenDUL(DULServiceProvider):
     def stop_dul(self) -> bool:
         self._wakeup.signal()
         return super().stop_dul()
+
+    def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
+        """A P-DATA-TF PDU as views of the received bytes; anything else as pynetdicom does.
+
+        pynetdicom copies a P-DATA-TF's payload four times while decoding it (to
+        bytes, then slice by slice), all under the GIL; the data set bytes are
+        copied once more anyway, into the message being assembled. A bound
+        EVT_DATA_RECV or EVT_PDU_RECV handler gets pynetdicom's own path.
+        """
+        if (bytestream[0] != P_DATA_TF_TYPE or self.assoc.get_handlers(evt.EVT_DATA_RECV)
+                or self.assoc.get_handlers(evt.EVT_PDU_RECV)):
+            return cast(tuple[Any, str], super()._decode_pdu(bytestream))
+        view = memoryview(bytestream)
+        pdu = P_DATA_TF()
+        offset, end = 6, len(bytestream)
+        while offset < end:
+            if offset + 5 > end:
+                raise ValueError("truncated presentation data value item")
+            (length,) = struct.unpack_from(">I", view, offset)
+            if length < 1 or offset + 4 + length > end:
+                raise ValueError("presentation data value item longer than its PDU")
+            item = PresentationDataValueItem()
+            item.presentation_context_id = view[offset + 4]
+            item.presentation_data_value = view[offset + 5:offset + 4 + length]  # type: ignore[assignment]
+            pdu.presentation_data_value_items.append(item)
+            offset += 4 + length
+        return pdu, P_DATA_TF_EVENT
 
     def _wait(self) -> None:
         """Block until the socket is readable, something was queued, or ``IDLE_WAKE``."""

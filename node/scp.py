@@ -25,6 +25,8 @@ import pydicom
 import pydicom.config
 import pydicom.uid as uid
 from pydicom import Dataset
+from pydicom.dataelem import RawDataElement
+from pydicom.filereader import read_dataset
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -139,7 +141,28 @@ def _int_or_none(ds: Dataset, keyword: str) -> int | None:
     return number if number is None or abs(number) <= INT32_MAX else None
 
 
-def check_pixel_data(ds: Dataset, transfer_syntax: str) -> None:
+DEFER_BYTES = 64 * 1024
+"""Values at least this long (pixel data) are not read when the data set is decoded."""
+
+
+def received_dataset(event: Any) -> Dataset:
+    """The received data set's attributes, its large values (pixel data) left unread.
+
+    The node stores the bytes as received and only needs a dozen attributes and
+    the pixel data's length; decoding the pixel data too was a copy of the whole
+    instance. Deflated data sets are inflated by pynetdicom as usual.
+    """
+    syntax = uid.UID(str(event.context.transfer_syntax))
+    if syntax == DeflatedExplicitVRLittleEndian:
+        return event.dataset  # type: ignore[no-any-return]
+    stream = event.request.DataSet
+    stream.seek(0)
+    return read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian,
+                        defer_size=DEFER_BYTES)
+
+
+def check_pixel_data(ds: Dataset, transfer_syntax: str, encoded_length: int | None = None
+                     ) -> None:
     """Refuse an image whose pixel data is missing, absurd or shorter than its header declares.
 
     Cheap: only lengths are compared, nothing is decoded. Encapsulated (compressed)
@@ -165,7 +188,13 @@ def check_pixel_data(ds: Dataset, transfer_syntax: str) -> None:
     if uid.UID(transfer_syntax).is_compressed:
         return
     try:
-        length = len(ds.PixelData or b"")
+        element = ds.get_item("PixelData", keep_deferred=True)
+        if isinstance(element, RawDataElement) and element.value is None \
+                and encoded_length is not None:
+            # left unread (received_dataset): declared length, but no more than was sent
+            length = min(int(element.length), encoded_length - int(element.value_tell))
+        else:
+            length = len(ds.PixelData or b"")
     except Exception as exc:
         raise InvalidInstance(f"cannot read Pixel Data: {type(exc).__name__}") from exc
     if length < expected:
@@ -245,12 +274,13 @@ def handle_store(event: Any, ctx: StoreContext) -> int:
     try:
         ensure_free_space(ctx.storage.dir, ctx.storage.min_free_mb)
         try:
-            ds = event.dataset
+            ds = received_dataset(event)
         except Exception as exc:
             raise InvalidInstance(f"cannot decode dataset: {type(exc).__name__}") from exc
         crash_point("scp.received")
         meta = read_meta(ds, str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID))
-        check_pixel_data(ds, str(event.context.transfer_syntax))
+        check_pixel_data(ds, str(event.context.transfer_syntax),
+                         len(event.request.DataSet.getbuffer()))
         if ctx.ingest is None and instance_known(ctx.factory, meta.sop_uid):
             log.info("duplicate instance sop=%s from %s: already stored", meta.sop_uid, calling)
             return STATUS_SUCCESS

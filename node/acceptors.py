@@ -32,14 +32,20 @@ from db.engine import make_engine, make_session_factory
 from db.queue import SessionFactory
 from node.clock import utcnow
 from node.ingest import Ingest, journal_dir, replay
-from node.scp import HandoffServer, StoreContext, address_allowed, start_scp
+from node.metrics import ASSOCIATIONS
+from node.scp import (
+    ENDED,
+    OUTCOME_BYTES,
+    HandoffServer,
+    StoreContext,
+    address_allowed,
+    start_scp,
+)
 from node.settings import Settings
 
 log = logging.getLogger("ainode.acceptors")
 READY = b"r"
 """Sent once by an acceptor process on its channel when it takes connections."""
-ENDED = b"d"
-"""Sent by an acceptor process on its channel whenever one of its associations ends."""
 
 
 def node_id(settings: Settings, index: int | None = None) -> str:
@@ -208,6 +214,9 @@ class AcceptorPool:
                     data = acceptor.channel.recv(4096)
                 except OSError:
                     data = b""
+                for outcome, code in OUTCOME_BYTES.items():
+                    if data.count(code):
+                        ASSOCIATIONS.labels(outcome).inc(data.count(code))
                 with self._lock:
                     if data:
                         ended = data.count(ENDED)

@@ -323,8 +323,17 @@ def handle_echo(event: Any) -> int:
     return STATUS_SUCCESS
 
 
+def count_association(event: Any, outcome: str) -> None:
+    """Count an association's outcome, in the serve process when this is an acceptor process."""
+    server = getattr(event.assoc, "_server", None)
+    if isinstance(server, HandoffServer):
+        server.report(OUTCOME_BYTES[outcome])
+    else:
+        ASSOCIATIONS.labels(outcome).inc()
+
+
 def handle_rejected(event: Any) -> None:
-    ASSOCIATIONS.labels("rejected").inc()
+    count_association(event, "rejected")
     assoc = event.assoc
     log.warning("association rejected from %s:%s calling AE %r", assoc.requestor.address,
                 assoc.requestor.port, str(assoc.requestor.ae_title).strip())
@@ -336,12 +345,12 @@ def handle_accepted(event: Any, ae_networks: dict[str, list[IPNetwork]]) -> None
     calling = str(r.ae_title).strip()
     allowed = ae_networks.get(calling)
     if allowed is not None and not any(ipaddress.ip_address(r.address) in n for n in allowed):
-        ASSOCIATIONS.labels("rejected").inc()
+        count_association(event, "rejected")
         log.warning("association from %s:%s aborted: calling AE %r is not allowed from there "
                     "(dicom.ae_networks)", r.address, r.port, calling)
         event.assoc.abort()
         return
-    ASSOCIATIONS.labels("accepted").inc()
+    count_association(event, "accepted")
     log.info("association accepted from %s:%s calling AE %r", r.address, r.port, calling)
 
 
@@ -411,6 +420,12 @@ def address_allowed(networks: list[IPNetwork], client_address: Any) -> bool:
     return False
 
 
+ENDED = b"d"
+"""Sent by an acceptor process to the serve process whenever one of its associations ends."""
+OUTCOME_BYTES = {"accepted": b"a", "rejected": b"j"}
+"""Sent by an acceptor process for each association outcome (the metrics live in serve)."""
+
+
 class HandoffServer(_Server):
     """An association server fed connected sockets by another process (``dicom.acceptors``).
 
@@ -448,8 +463,12 @@ class HandoffServer(_Server):
         return True  # checked by the serve process before the handoff
 
     def association_finished(self) -> None:
+        self.report(ENDED)
+
+    def report(self, what: bytes) -> None:
+        """Tell the serve process (one byte: ENDED, or an association outcome)."""
         with self._send_lock, contextlib.suppress(OSError):
-            self.channel.send(b"d")  # node.acceptors.ENDED
+            self.channel.send(what)
 
     def server_close(self) -> None:
         self.channel.close()

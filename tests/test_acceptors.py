@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,9 +30,10 @@ from tests.peers import (
 ACCEPTORS = 2
 
 
-def _config(tmp_path: Path, port: int, extra_dicom: str = "") -> Path:
+def _config(tmp_path: Path, port: int, extra_dicom: str = "", admin_port: int | None = None
+            ) -> Path:
     config = write_config(tmp_path / "ainode.toml", port=port, storage=tmp_path / "var",
-                          workers=0, stable_seconds=3600)
+                          workers=0, stable_seconds=3600, admin_port=admin_port)
     text = config.read_text().replace(f"port = {port}\n",
                                       f"port = {port}\nacceptors = {ACCEPTORS}\n{extra_dicom}", 1)
     config.write_text(text)
@@ -65,12 +67,24 @@ def series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return synthetic_ct(tmp_path_factory.mktemp("ct"), slices=40, size=64)
 
 
+ADMIN_PORT = free_port()
+
+
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[NodeProcess]:
     port = free_port()
-    running = start_node(_config(tmp_path, port), port, tmp_path / "node.log")
+    running = start_node(_config(tmp_path, port, admin_port=ADMIN_PORT), port,
+                         tmp_path / "node.log")
     yield running
     running.stop()
+
+
+def _accepted() -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{ADMIN_PORT}/metrics", timeout=10).read()
+    for line in text.decode().splitlines():
+        if line.startswith('ainode_associations_total{outcome="accepted"}'):
+            return float(line.split()[-1])
+    return 0.0
 
 
 def test_associations_are_spread_over_acceptor_processes(
@@ -87,6 +101,8 @@ def test_associations_are_spread_over_acceptor_processes(
     journals = sorted((tmp_path / "var" / "journal").glob(f"*-{node.port}-*"))
     assert [j.name.rsplit("-", 1)[1] for j in journals] == [str(i) for i in range(ACCEPTORS)]
     assert all(list(j.glob("*.journal")) for j in journals)
+    # association outcomes are counted in the serve process, whichever acceptor had them
+    wait_until(lambda: _accepted() == 4, 10, what="4 accepted associations in /metrics")
     node.stop()
     assert node.proc.returncode == 0
     assert not list((tmp_path / "var" / "journal").rglob("*.journal"))  # all retired

@@ -152,18 +152,23 @@ def record_instance(factory: SessionFactory, meta: InstanceMeta, now: datetime) 
     return record_instances(factory, [meta], now)[0]
 
 
-def record_instances(factory: SessionFactory, metas: Sequence[InstanceMeta], now: datetime
-                     ) -> list[bool]:
+def record_instances(factory: SessionFactory, metas: Sequence[InstanceMeta], now: datetime,
+                     before_commit: Callable[[list[bool]], None] | None = None) -> list[bool]:
     """Record a batch of stored instances in one transaction (see :func:`record_instance`).
 
     A handful of statements per batch, whatever its size: one lookup of the SOP
     Instance UIDs already known, one of the studies and one of the series
-    involved, and one multi-row insert of the new instances.
+    involved, and one multi-row insert of the new instances. ``before_commit``
+    gets which instances are new before the rows become visible (the ingest
+    writes their files then); it may run again if the transaction is retried.
     """
     for attempt in range(INGEST_RETRIES):
         try:
             with factory.begin() as s:
-                return _add_instances(s, metas, now)
+                flags = _add_instances(s, metas, now)
+                if before_commit is not None:
+                    before_commit(flags)
+                return flags
         except IntegrityError:
             if attempt == INGEST_RETRIES - 1:
                 raise
@@ -213,12 +218,6 @@ def _add_instances(s: Session, metas: Sequence[InstanceMeta], now: datetime) -> 
          "path": m.path, "size": m.size, "calling_ae": m.calling_ae, "received_at": now}
         for m in fresh])
     return flags
-
-
-def known_instances(factory: SessionFactory, sop_uids: Sequence[str]) -> set[str]:
-    """Which of ``sop_uids`` are already recorded (one query)."""
-    with reading(factory) as s:
-        return set(s.scalars(select(Instance.sop_uid).where(Instance.sop_uid.in_(sop_uids))))
 
 
 def instance_known(factory: SessionFactory, sop_uid: str) -> bool:

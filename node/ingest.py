@@ -25,7 +25,6 @@ from db.queue import (
     InstanceMeta,
     SessionFactory,
     instance_known,
-    known_instances,
     record_instances,
 )
 from node.faults import crash_point
@@ -184,17 +183,19 @@ class Ingest:
             self._retire()
 
     def _materialize(self, batch: list[tuple[InstanceMeta, list[Buffer], Path]]) -> None:
-        known = known_instances(self.factory, [meta.sop_uid for meta, _, _ in batch])
-        fresh = [meta for meta, _, _ in batch if meta.sop_uid not in known]
-        for meta, data, _ in batch:
-            if meta.sop_uid in known:
-                log.info("duplicate instance sop=%s from %s: already stored", meta.sop_uid,
-                         meta.calling_ae)
-            else:
-                _write_file(self.root, Path(meta.path), data)
-        crash_point("ingest.files")
-        if fresh:
-            record_instances(self.factory, fresh, self.clock())
+        """Files, then rows, in one transaction: a duplicate's file is never rewritten."""
+
+        def write_files(new: list[bool]) -> None:
+            for (meta, data, _), fresh in zip(batch, new, strict=True):
+                if fresh:
+                    _write_file(self.root, Path(meta.path), data)
+                else:
+                    log.info("duplicate instance sop=%s from %s: already stored", meta.sop_uid,
+                             meta.calling_ae)
+            crash_point("ingest.files")
+
+        record_instances(self.factory, [meta for meta, _, _ in batch], self.clock(),
+                         before_commit=write_files)
         with self._lock:
             for meta, _, path in batch:
                 self._pending.discard(meta.sop_uid)

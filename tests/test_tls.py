@@ -31,6 +31,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.engine import make_engine, make_session_factory
 from db.queue import ResultSpec, claim_job, complete_job, record_instance
 from db.schema import Instance, Result, ResultStatus
 from node.clock import utcnow
@@ -53,9 +54,11 @@ from tests.peers import (
     echoscu,
     free_port,
     port_open,
+    start_node,
     stop_process,
     storescu,
     wait_until,
+    write_config,
 )
 from tests.test_queue import T0, dispatch, meta
 
@@ -332,3 +335,28 @@ def test_silent_client_does_not_block_the_tls_port(
         assert out.stderr.count("Received Store Response (Success)") == 1, out.stderr
     assert count(factory) == 1
     collect_dropped_sockets()
+
+
+def test_tls_through_acceptor_processes(tmp_path: Path, pki: Pki) -> None:
+    """With dicom.acceptors > 1 the handshake happens in the acceptor the connection went to."""
+    port = free_port()
+    config = write_config(tmp_path / "ainode.toml", port=port, storage=tmp_path / "var",
+                          workers=0, stable_seconds=3600,
+                          extra=(f'[dicom.tls]\nenabled = true\ncert = "{pki.server_cert}"\n'
+                                 f'key = "{pki.server_key}"\nca = "{pki.ca}"\n'
+                                 "require_client_cert = true\n"))
+    config.write_text(config.read_text().replace(f"port = {port}\n",
+                                                 f"port = {port}\nacceptors = 2\n", 1))
+    node = start_node(config, port, tmp_path / "node.log")
+    try:
+        for files in (CT[:2], CT[2:4]):  # two associations: both acceptors, most likely
+            out = storescu(port, files,
+                           extra=tls_options(pki.client_cert, pki.client_key, pki.ca))
+            assert out.returncode == 0, out.stderr
+        assert storescu(port, CT[4]).returncode != 0  # plain TCP on the TLS port
+        engine = make_engine(f"sqlite:///{tmp_path / 'var' / 'ainode.db'}")
+        factory = make_session_factory(engine)
+        wait_until(lambda: count(factory) == 4, 20, what="4 instances over TLS")
+        engine.dispose()
+    finally:
+        node.stop()

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -44,6 +45,8 @@ from node.scp import (
 from node.settings import Settings
 
 log = logging.getLogger("ainode.acceptors")
+HANDOFF_TIMEOUT = 2.0
+"""Longest the dispatcher waits to hand a connection to one acceptor before trying another."""
 READY = b"r"
 """Sent once by an acceptor process on its channel when it takes connections."""
 
@@ -95,6 +98,7 @@ class AcceptorPool:
             cmd += ["--config", str(self.config_path)]
         proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()])
         theirs.close()
+        ours.settimeout(HANDOFF_TIMEOUT)
         log.info("started acceptor %d, pid %d", index, proc.pid)
         acceptor = _Acceptor(index, proc, ours)
         self._selector.register(ours, selectors.EVENT_READ, acceptor)
@@ -110,7 +114,7 @@ class AcceptorPool:
                 ready = acceptor.channel.recv(1) == READY
             except OSError:
                 ready = False
-            acceptor.channel.settimeout(None)
+            acceptor.channel.settimeout(HANDOFF_TIMEOUT)
             if not ready:
                 self.stop()
                 raise RuntimeError(f"acceptor {acceptor.index} did not start")
@@ -192,8 +196,12 @@ class AcceptorPool:
         for acceptor in candidates:
             try:
                 socket.send_fds(acceptor.channel, [message], [conn.fileno()])
+            except TimeoutError:  # its channel is full: busy or stuck, try another
+                log.warning("acceptor %d is not taking connections", acceptor.index)
+                continue
             except OSError:
-                acceptor.alive = False
+                with self._lock:
+                    acceptor.alive = False
                 continue
             with self._lock:
                 acceptor.active += 1
@@ -206,7 +214,7 @@ class AcceptorPool:
             with self._lock:
                 registered = bool(self._selector.get_map())
             if not registered:
-                threading.Event().wait(0.1)
+                time.sleep(0.1)
                 continue
             for key, _ in self._selector.select(timeout=0.5):
                 acceptor: _Acceptor = key.data

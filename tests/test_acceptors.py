@@ -165,7 +165,7 @@ def test_acknowledged_instances_survive_an_acceptor_crash(tmp_path: Path,
                 for f in acked}
         wait_until(lambda: uids <= _recorded_uids(tmp_path), 30,
                    what="acknowledged instances recorded after the replay")
-        assert "journal replay" in running.log()
+        wait_until(lambda: "journal replay" in running.log(), 10, what="the replay logged")
         for sender in _send(port, series, 1):  # what was refused around the crash, again
             out, _ = sender.communicate(timeout=120)
             assert sender.returncode == 0, out

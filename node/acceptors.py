@@ -31,24 +31,21 @@ from types import FrameType
 
 from db.engine import make_engine, make_session_factory
 from db.queue import SessionFactory
-from node.clock import utcnow
-from node.ingest import Ingest, journal_dir, replay
+from node.ingest import journal_dir, replay
 from node.metrics import ASSOCIATIONS
 from node.scp import (
     ENDED,
     OUTCOME_BYTES,
+    READY,
     HandoffServer,
-    StoreContext,
     address_allowed,
-    start_scp,
+    start_receiver,
 )
 from node.settings import Settings
 
 log = logging.getLogger("ainode.acceptors")
 HANDOFF_TIMEOUT = 2.0
 """Longest the dispatcher waits to hand a connection to one acceptor before trying another."""
-READY = b"r"
-"""Sent once by an acceptor process on its channel when it takes connections."""
 
 
 def node_id(settings: Settings, index: int | None = None) -> str:
@@ -247,11 +244,7 @@ def run_acceptor(settings: Settings, index: int, channel: socket.socket) -> int:
     signal.signal(signal.SIGINT, on_signal)
     journal = journal_dir(settings.storage.dir, node_id(settings, index))
     replay(settings.storage.dir, journal, factory)
-    ingest = Ingest(settings.storage.dir, journal, factory, utcnow)
-    ingest.start()
-    server = start_scp(settings.dicom, StoreContext(
-        settings.storage, factory, utcnow, ingest, int(settings.dicom.max_instance_mb * 2**20)),
-        channel=channel)
+    ingest, server = start_receiver(settings, factory, journal, channel)
     assert isinstance(server, HandoffServer)
     channel.send(READY)
     try:

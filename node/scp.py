@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -53,12 +54,13 @@ from pynetdicom import __version__ as pynetdicom_version
 from pynetdicom.transport import ThreadedAssociationServer
 
 from db.queue import InstanceMeta, SessionFactory, instance_known, record_instance
+from node.clock import utcnow
 from node.errors import InvalidInstance, StorageError
 from node.faults import crash_point
 from node.ingest import Ingest
 from node.metrics import ASSOCIATIONS
 from node.reactor import EventDrivenHandler, check_supported
-from node.settings import DicomSettings, StorageSettings
+from node.settings import DicomSettings, Settings, StorageSettings
 from node.storage import StorageFull, check_uid, durable_write, ensure_free_space, instance_path
 from node.tls import server_context
 
@@ -279,13 +281,12 @@ def handle_store(event: Any, ctx: StoreContext) -> int:
             raise InvalidInstance(f"cannot decode dataset: {type(exc).__name__}") from exc
         crash_point("scp.received")
         meta = read_meta(ds, str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID))
-        check_pixel_data(ds, str(event.context.transfer_syntax),
-                         len(event.request.DataSet.getbuffer()))
+        parts = part10(event)  # [file meta header, the data set as received]
+        check_pixel_data(ds, str(event.context.transfer_syntax), len(parts[1]))
         if ctx.ingest is None and instance_known(ctx.factory, meta.sop_uid):
             log.info("duplicate instance sop=%s from %s: already stored", meta.sop_uid, calling)
             return STATUS_SUCCESS
         rel = instance_path(meta.study_uid, meta.series_uid, meta.sop_uid)
-        parts = part10(event)
         size = sum(len(p) for p in parts)
         if size > ctx.max_instance_bytes:
             raise StorageError(f"instance of {size} bytes exceeds dicom.max_instance_mb")
@@ -420,6 +421,8 @@ def address_allowed(networks: list[IPNetwork], client_address: Any) -> bool:
     return False
 
 
+READY = b"r"
+"""Sent once by an acceptor process to the serve process when it takes connections."""
 ENDED = b"d"
 """Sent by an acceptor process to the serve process whenever one of its associations ends."""
 OUTCOME_BYTES = {"accepted": b"a", "rejected": b"j"}
@@ -472,6 +475,18 @@ class HandoffServer(_Server):
 
     def server_close(self) -> None:
         self.channel.close()
+
+
+def start_receiver(settings: Settings, factory: SessionFactory, journal: Path,
+                   channel: socket.socket | None = None
+                   ) -> tuple[Ingest, ThreadedAssociationServer]:
+    """The journal-first ingest and the SCP in front of it, as serve and each acceptor run them."""
+    ingest = Ingest(settings.storage.dir, journal, factory, utcnow)
+    ingest.start()
+    server = start_scp(settings.dicom, StoreContext(
+        settings.storage, factory, utcnow, ingest, int(settings.dicom.max_instance_mb * 2**20)),
+        channel=channel)
+    return ingest, server
 
 
 def start_scp(dicom: DicomSettings, ctx: StoreContext, channel: socket.socket | None = None

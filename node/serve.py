@@ -22,7 +22,7 @@ from node.clock import utcnow
 from node.ingest import Ingest, journal_dir
 from node.reactor import check_supported
 from node.scheduler import make_scheduler
-from node.scp import StoreContext, start_scp
+from node.scp import start_receiver
 from node.settings import Settings
 from node.storage import remove_temp_files
 
@@ -106,11 +106,8 @@ def serve(settings: Settings, config_path: Path | None, stop_timeout: float = 60
         acceptors.start()
         probe = acceptors.listening
     else:
-        ingest = Ingest(settings.storage.dir, journal_dir(settings.storage.dir, node_id(settings)),
-                        factory, utcnow)
-        ingest.start()
-        server = start_scp(settings.dicom, StoreContext(
-            settings.storage, factory, utcnow, ingest, int(settings.dicom.max_instance_mb * 2**20)))
+        ingest, server = start_receiver(
+            settings, factory, journal_dir(settings.storage.dir, node_id(settings)))
         probe = listening(server)
     admin = start_admin(settings, factory, scp_listening=probe)
     scheduler = make_scheduler(settings, factory, utcnow)

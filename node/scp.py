@@ -340,19 +340,31 @@ def handle_rejected(event: Any) -> None:
                 assoc.requestor.port, str(assoc.requestor.ae_title).strip())
 
 
-def handle_accepted(event: Any, ae_networks: dict[str, list[IPNetwork]]) -> None:
-    """Count the association; abort it when its calling AE may not come from its address."""
-    r = event.assoc.requestor
-    calling = str(r.ae_title).strip()
+def handle_requested(event: Any, ae_networks: dict[str, list[IPNetwork]]) -> None:
+    """Reject (A-ASSOCIATE-RJ) a calling AE that may not come from its address.
+
+    Done on the request, before negotiation: pynetdicom marks an association
+    established only after EVT_ACCEPTED returns, so an abort from there could
+    lose the race against the peer's first request, which was then served.
+    """
+    assoc = event.assoc
+    r = assoc.requestor
+    calling = str(r.primitive.calling_ae_title).strip()  # r.ae_title is set by negotiation
     allowed = ae_networks.get(calling)
-    if allowed is not None and not any(ipaddress.ip_address(r.address) in n for n in allowed):
-        count_association(event, "rejected")
-        log.warning("association from %s:%s aborted: calling AE %r is not allowed from there "
-                    "(dicom.ae_networks)", r.address, r.port, calling)
-        event.assoc.abort()
+    if allowed is None or any(ipaddress.ip_address(r.address) in n for n in allowed):
         return
+    log.warning("association from %s:%s refused: calling AE %r is not allowed from there "
+                "(dicom.ae_networks)", r.address, r.port, calling)
+    assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE title
+    evt.trigger(assoc, evt.EVT_REJECTED, {})  # as pynetdicom's own rejections do
+    assoc.kill()
+
+
+def handle_accepted(event: Any) -> None:
+    r = event.assoc.requestor
     count_association(event, "accepted")
-    log.info("association accepted from %s:%s calling AE %r", r.address, r.port, calling)
+    log.info("association accepted from %s:%s calling AE %r", r.address, r.port,
+             str(r.ae_title).strip())
 
 
 def quiet_pynetdicom() -> None:
@@ -503,9 +515,10 @@ def start_scp(dicom: DicomSettings, ctx: StoreContext, channel: socket.socket | 
         (evt.EVT_C_STORE, handle_store, [ctx]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_REJECTED, handle_rejected),
-        (evt.EVT_ACCEPTED, handle_accepted, [{
+        (evt.EVT_REQUESTED, handle_requested, [{
             ae: [ipaddress.ip_network(str(n)) for n in nets]
             for ae, nets in dicom.ae_networks.items()}]),
+        (evt.EVT_ACCEPTED, handle_accepted),
     ]
     ssl_context = server_context(dicom.tls) if dicom.tls.enabled else None
     extra: dict[str, Any] = {}

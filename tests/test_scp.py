@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +26,15 @@ from node.ingest import BATCH_SECONDS, Ingest, journal_dir
 from node.reactor import EventDrivenAssociation, check_supported, store_response_command
 from node.scp import StoreContext, file_meta_header, start_scp
 from node.settings import DicomSettings, StorageSettings
-from tests.peers import CHEST_CT, SAMPLES, echoscu, free_port, storescu, wait_until
+from tests.peers import (
+    CHEST_CT,
+    SAMPLES,
+    dcmtk_env,
+    echoscu,
+    free_port,
+    storescu,
+    wait_until,
+)
 
 Factory = sessionmaker[Session]
 
@@ -199,7 +208,12 @@ def test_calling_ae_restricted_to_its_networks(tmp_path: Path, factory: Factory,
     port, _, server = serve(tmp_path, factory, ae_networks={"PACS": ["10.99.0.0/16"]})
     try:
         with caplog.at_level(logging.WARNING, logger="ainode.scp"):
-            assert echoscu(port, aet="PACS") != 0  # PACS may only come from 10.99/16
+            refused = subprocess.run(  # PACS may only come from 10.99/16
+                ["echoscu", "-aet", "PACS", "-aec", "AINODE", "127.0.0.1", str(port)],
+                capture_output=True, text=True, timeout=30, env=dcmtk_env())
+            assert refused.returncode != 0
+            assert "Association Rejected" in refused.stdout + refused.stderr  # not an abort
+            assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
             assert echoscu(port, aet="OTHER") == 0  # not restricted
         assert any("dicom.ae_networks" in r.getMessage() for r in caplog.records)
     finally:

@@ -6,7 +6,7 @@ See ``MODEL_CARD_cxr_pneumonia.md`` next to this file.
 
 The module holds:
 
-* :class:`CxrNet`, the network (shared with :mod:`models.train_cxr_pneumonia`);
+* :class:`CxrNet`, the network (shared with :mod:`models.training.train_cxr_pneumonia`);
 * :func:`to_model_grid`, the inference preprocessing that reproduces how MedMNIST built the
   28x28 images (center-crop to a square of the short edge, then resize);
 * :func:`read_weights` / :func:`save_weights`, the safetensors file with its metadata;
@@ -260,7 +260,7 @@ class CxrPneumoniaModel(Model):
 
     ``predict`` expects a :class:`Volume` whose array is (1, rows, cols) float32 holding the
     display-ready grey levels scaled to [0, 1], 1 = white (bones bright), as produced by
-    :func:`node.radiograph.radiograph_to_volume`.
+    :func:`node.infer.radiograph.radiograph_to_volume`.
     """
 
     name = "cxr-pneumonia"

@@ -247,7 +247,7 @@ def stage_series(factory: Any, store: Path, files: list[Path], model: str,
         dispatch_stable_studies,
         record_instance,
     )
-    from node.clock import utcnow
+    from node.runtime.clock import utcnow
 
     now = utcnow()
     (store / "instances").mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ from node.admin.app import create_app
 from node.admin.catalog import ModelInfo, catalog
 from node.admin.secrets import hash_secret, verify_secret
 from node.errors import ConfigError
-from node.sender import EchoResult
+from node.send.sender import EchoResult
 from node.settings import Destination, Settings, parse_settings
 
 Factory = sessionmaker[Session]

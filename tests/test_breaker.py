@@ -23,9 +23,9 @@ from db.queue import (
     record_instance,
 )
 from db.schema import Result, ResultStatus
-from node.breaker import CircuitBreaker, State
-from node.scheduler import make_scheduler
-from node.sender import send_due
+from node.runtime.scheduler import make_scheduler
+from node.send.breaker import CircuitBreaker, State
+from node.send.sender import send_due
 from node.settings import Settings, parse_settings
 from tests.peers import SAMPLES, dcmtk_env, free_port, port_open, stop_process, wait_until
 

@@ -26,12 +26,12 @@ from db.queue import (
 from db.schema import Job, JobStatus
 from models.base import Model, Prediction, UnsupportedInput, Volume
 from models.torchscript import TorchScriptModel, sha256_file
-from node.clock import utcnow
-from node.plugins import available_models
-from node.radiograph import radiograph_to_volume
+from node.infer.plugins import available_models
+from node.infer.radiograph import radiograph_to_volume
+from node.infer.volume import build_volume
+from node.infer.worker import Worker
+from node.runtime.clock import utcnow
 from node.settings import Settings, parse_settings
-from node.volume import build_volume
-from node.worker import Worker
 from tests.peers import CHEST_CT, ROOT, SAMPLES, dciodvfy, stage_series
 
 NIH = SAMPLES / "chest-xray" / "NIH_CXR14_SC_Covid0000.dcm"

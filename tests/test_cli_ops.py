@@ -13,9 +13,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
 from db.audit import AuditEntry
-from node.cli import app
-from node.clock import utcnow
-from node.scp import StoreContext, start_scp
+from node.cli.main import app
+from node.receive.scp import StoreContext, start_scp
+from node.runtime.clock import utcnow
 from node.settings import DicomSettings, StorageSettings
 from tests.peers import free_port
 from tests.test_admin_api import ACCESSION, seed

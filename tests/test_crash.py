@@ -34,7 +34,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from db.schema import Instance, Job, JobStatus, Result, ResultStatus
-from node.faults import ENV, POINTS
+from node.runtime.faults import ENV, POINTS
 from tests.peers import (
     CHEST_CT,
     SAMPLES,

@@ -51,7 +51,7 @@ LUNG_ML = (800.0, 3500.0)
 
 
 def load_chest_ct() -> Volume:
-    """The sample series as a volume, built directly with pydicom (not ``node.volume``)."""
+    """The sample series as a volume, built directly with pydicom (not ``node.infer.volume``)."""
     datasets = sorted(
         (pydicom.dcmread(path) for path in CT_DIR.glob("*.dcm")),
         key=lambda ds: float(ds.ImagePositionPatient[2]),

@@ -1,4 +1,4 @@
-"""Tests of the built-in ``cxr-pneumonia`` model and of ``node.radiograph``."""
+"""Tests of the built-in ``cxr-pneumonia`` model and of ``node.infer.radiograph``."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from models.cxr_pneumonia import (
     save_weights,
     sha256_file,
 )
-from models.train_cxr_pneumonia import roc_auc, youden_threshold
-from node.radiograph import radiograph_to_volume, window
+from models.training.train_cxr_pneumonia import roc_auc, youden_threshold
+from node.infer.radiograph import radiograph_to_volume, window
 from tests.peers import SAMPLES, SHARED
 
 CXR_DIR = SAMPLES / "chest-xray"

@@ -23,8 +23,8 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.schema import Instance, Job
-from node.clock import utcnow
-from node.scp import StoreContext, start_scp
+from node.receive.scp import StoreContext, start_scp
+from node.runtime.clock import utcnow
 from node.settings import DicomSettings, StorageSettings, parse_settings
 from tests.peers import (
     CHEST_CT,

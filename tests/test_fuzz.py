@@ -25,8 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.schema import Instance
-from node.clock import utcnow
-from node.scp import (
+from node.receive.scp import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_SOP_CLASS_MISMATCH,
     STATUS_SUCCESS,
@@ -34,6 +33,7 @@ from node.scp import (
     quiet_pynetdicom,
     start_scp,
 )
+from node.runtime.clock import utcnow
 from node.settings import DicomSettings, StorageSettings
 from tests.peers import CHEST_CT, SAMPLES, echoscu, free_port, storescu
 

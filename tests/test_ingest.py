@@ -13,9 +13,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.queue import InstanceMeta
 from db.schema import Instance
-from node.clock import utcnow
-from node.ingest import Ingest, journal_dir, replay
-from node.journal import segments
+from node.runtime.clock import utcnow
+from node.store.ingest import Ingest, journal_dir, replay
+from node.store.journal import segments
 from tests.peers import CHEST_CT
 
 

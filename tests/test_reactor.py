@@ -1,4 +1,4 @@
-"""node.reactor's replacements of pynetdicom internals give what pynetdicom gives."""
+"""node.receive.reactor's replacements of pynetdicom internals give what pynetdicom gives."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
-from node.reactor import EventDrivenDUL, LargeReadSocket, make_event_driven
+from node.receive.reactor import EventDrivenDUL, LargeReadSocket, make_event_driven
 
 
 @pytest.fixture(autouse=True)
 def _no_default_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """As the node runs pynetdicom (node.scp.quiet_pynetdicom): no logging handlers bound."""
+    """As the node runs pynetdicom (quiet_pynetdicom): no logging handlers bound."""
     monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")
 
 

@@ -730,7 +730,7 @@ def ct300(tmp_path_factory: pytest.TempPathFactory) -> Case:
     """The sample CT resampled to 300 slices (as the turnaround benchmark does): both lungs,
     their volumes, a study measurement and a finding."""
     from node.bench.turnaround import thin_ct  # imports torch: only when this fixture runs
-    from node.volume import build_volume
+    from node.infer.volume import build_volume
 
     directory = tmp_path_factory.mktemp("ct300")
     files = thin_ct(CT_DIR, directory / "slices", 300)

@@ -27,7 +27,8 @@ from pydicom.uid import SecondaryCaptureImageStorage, SegmentationStorage
 from scipy import ndimage
 
 from models.base import Code, Finding, Heatmap, Measurement, Prediction, Segment, Volume
-from node.radiograph import radiograph_to_volume
+from node.infer.radiograph import radiograph_to_volume
+from node.infer.volume import build_volume
 from node.results.common import (
     DEFAULT_UID_PREFIX,
     ResultContext,
@@ -47,7 +48,6 @@ from node.results.sc import (
     key_slices,
     segment_colour,
 )
-from node.volume import build_volume
 from tests.test_results import (
     ANATOMY,
     ATTENUATION,
@@ -602,7 +602,7 @@ def test_sc_of_multiframe_ct_references_frames(tmp_path: Path) -> None:
         pytest.skip(f"{MULTIFRAME_CT} not available")
     source = read_source(MULTIFRAME_CT)
     # Frames in stored order (the mask's first axis is the frame index, as for the SEG);
-    # node.volume refuses this sample because its frames are not in slice order.
+    # node.infer.volume refuses this sample because its frames are not in slice order.
     groups = source.PerFrameFunctionalGroupsSequence[0]
     transform = groups.get("PixelValueTransformationSequence") or (
         source.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence)

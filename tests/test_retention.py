@@ -27,9 +27,9 @@ from db.queue import (
 )
 from db.retention import _remove_files, purge_expired
 from db.schema import Instance, Job, Result, Series, Study
-from node.scheduler import make_scheduler
+from node.runtime.scheduler import make_scheduler
 from node.settings import Settings
-from node.storage import durable_write, instance_path, result_path
+from node.store.files import durable_write, instance_path, result_path
 
 Factory = sessionmaker[Session]
 T0 = datetime(2026, 1, 1, 12, 0, 0)

@@ -21,11 +21,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.schema import Instance
-from node.clock import utcnow
-from node.ingest import BATCH_SECONDS, Ingest, journal_dir
-from node.reactor import EventDrivenAssociation, check_supported, store_response_command
-from node.scp import StoreContext, file_meta_header, start_scp
+from node.receive.reactor import EventDrivenAssociation, check_supported, store_response_command
+from node.receive.scp import StoreContext, file_meta_header, start_scp
+from node.runtime.clock import utcnow
 from node.settings import DicomSettings, StorageSettings
+from node.store.ingest import BATCH_SECONDS, Ingest, journal_dir
 from tests.peers import (
     CHEST_CT,
     SAMPLES,
@@ -245,7 +245,7 @@ def test_file_meta_header_is_what_pynetdicom_encodes(sop_class: str, sop_instanc
 
 def test_associations_run_on_the_event_driven_loops(scp: tuple[int, StorageSettings],
                                                     factory: Factory) -> None:
-    """The pinned pynetdicom is the one node.reactor was written for, so the SCP uses it;
+    """The pinned pynetdicom is the one node.receive.reactor was written for, so the SCP uses it;
     many C-STOREs on one association all land."""
     assert check_supported()
     port, _storage = scp

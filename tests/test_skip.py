@@ -14,9 +14,9 @@ from db.queue import (
 )
 from db.schema import Job, JobStatus
 from models.registry import discover
-from node.clock import utcnow
+from node.infer.worker import Worker
+from node.runtime.clock import utcnow
 from node.settings import parse_settings
-from node.worker import Worker
 from tests.peers import CHEST_CT, SAMPLES, stage_series
 
 MPR = SAMPLES / "edge-ct-single-slice-mpr"

@@ -34,10 +34,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.engine import make_engine, make_session_factory
 from db.queue import ResultSpec, claim_job, complete_job, record_instance
 from db.schema import Instance, Result, ResultStatus
-from node.clock import utcnow
 from node.errors import ConfigError
-from node.scp import VERIFICATION, StoreContext, start_scp
-from node.sender import echo, send_due
+from node.receive.scp import VERIFICATION, StoreContext, start_scp
+from node.runtime.clock import utcnow
+from node.send.sender import echo, send_due
 from node.settings import (
     DestinationTLS,
     DicomSettings,

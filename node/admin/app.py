@@ -18,9 +18,9 @@ from node.admin.auth import Guard, load_credentials
 from node.admin.catalog import ModelInfo
 from node.admin.context import AdminContext, Echo, context
 from node.admin.health import readiness
-from node.clock import utcnow
-from node.metrics import make_registry
-from node.sender import echo as c_echo
+from node.runtime.clock import utcnow
+from node.runtime.metrics import make_registry
+from node.send.sender import echo as c_echo
 from node.settings import Settings
 
 SECURITY_HEADERS = {

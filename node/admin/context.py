@@ -11,7 +11,7 @@ from fastapi import Request
 from db.queue import SessionFactory
 from node.admin.auth import Guard
 from node.admin.catalog import ModelInfo
-from node.sender import EchoResult
+from node.send.sender import EchoResult
 from node.settings import Destination, Settings
 
 Echo = Callable[[Destination, str], EchoResult]

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from db.queue import SessionFactory
 from node.admin.app import create_app
 from node.admin.catalog import catalog
-from node.plugins import available_models
+from node.infer.plugins import available_models
 from node.settings import Settings
 
 log = logging.getLogger("ainode.admin")

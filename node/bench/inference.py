@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from models.base import Model, Volume
 from models.registry import create
 from node.bench.ingest import machine
-from node.volume import build_volume
+from node.infer.volume import build_volume
 
 DEFAULT_SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "dicom-samples"
 

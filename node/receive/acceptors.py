@@ -31,9 +31,7 @@ from types import FrameType
 
 from db.engine import make_engine, make_session_factory
 from db.queue import SessionFactory
-from node.ingest import journal_dir, replay
-from node.metrics import ASSOCIATIONS
-from node.scp import (
+from node.receive.scp import (
     ENDED,
     OUTCOME_BYTES,
     READY,
@@ -41,7 +39,9 @@ from node.scp import (
     address_allowed,
     start_receiver,
 )
+from node.runtime.metrics import ASSOCIATIONS
 from node.settings import Settings
+from node.store.ingest import journal_dir, replay
 
 log = logging.getLogger("ainode.acceptors")
 HANDOFF_TIMEOUT = 2.0

@@ -12,10 +12,10 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from db.admin import forget_stale_workers
 from db.queue import SessionFactory, dispatch_stable_studies, first_instance_path, requeue_expired
 from db.retention import PurgeReport, purge_expired
-from node.breaker import CircuitBreaker
-from node.routing import make_planner, stable_seconds_for
-from node.sender import send_due
+from node.send.breaker import CircuitBreaker
+from node.send.sender import send_due
 from node.settings import Settings
+from node.study.routing import make_planner, stable_seconds_for
 
 log = logging.getLogger("ainode.scheduler")
 

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from node.admin import cli as ops
+from node.cli import ops
 from node.errors import ConfigError
 from node.settings import CONFIG_ENV, Settings, load_settings
 
@@ -49,8 +49,8 @@ def _settings(path: Path | None) -> Settings:
 @app.command()
 def serve(config: ConfigOption = None) -> None:
     """Receive, queue, infer and send: the whole node."""
-    from node.logs import configure
-    from node.serve import serve as run
+    from node.runtime.logs import configure
+    from node.runtime.serve import serve as run
 
     settings = _settings(config)
     configure(settings.logging.level)
@@ -64,8 +64,8 @@ def acceptor(index: Annotated[int, typer.Option(help="Which acceptor this is.")]
     """One of dicom.acceptors processes receiving associations (started by serve)."""
     import socket
 
-    from node.acceptors import run_acceptor
-    from node.logs import configure
+    from node.receive.acceptors import run_acceptor
+    from node.runtime.logs import configure
 
     settings = _settings(config)
     configure(settings.logging.level)
@@ -82,10 +82,10 @@ def worker(config: ConfigOption = None,
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from db.engine import make_engine, make_session_factory
     from db.queue import requeue_expired
-    from node.clock import utcnow
-    from node.logs import configure
-    from node.plugins import available_models
-    from node.worker import Worker, resolve_device
+    from node.infer.plugins import available_models
+    from node.infer.worker import Worker, resolve_device
+    from node.runtime.clock import utcnow
+    from node.runtime.logs import configure
 
     settings = _settings(config)
     configure(settings.logging.level)
@@ -106,7 +106,7 @@ def worker(config: ConfigOption = None,
 def check_config(path: Annotated[Path, typer.Argument(help="TOML configuration file.")]) -> None:
     """Validate a configuration file without serving."""
     from models.base import ModelError
-    from node.plugins import available_models
+    from node.infer.plugins import available_models
 
     settings = _settings(path)
     try:
@@ -139,8 +139,8 @@ def db_upgrade(config: ConfigOption = None) -> None:
 def echo(destination: Annotated[str, typer.Argument(help="Destination name from the config.")],
          config: ConfigOption = None) -> None:
     """C-ECHO a configured destination."""
-    from node.scp import quiet_pynetdicom
-    from node.sender import echo as c_echo
+    from node.receive.scp import quiet_pynetdicom
+    from node.send.sender import echo as c_echo
 
     settings = _settings(config)
     try:
@@ -159,8 +159,8 @@ def echo(destination: Annotated[str, typer.Argument(help="Destination name from 
 def models_list(config: ConfigOption = None,
                 as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the installed models with version and accepted input."""
-    from node.plugins import available_models
-    from node.worker import resolve_device
+    from node.infer.plugins import available_models
+    from node.infer.worker import resolve_device
 
     settings = _settings(config)
     device = resolve_device(settings.workers.device)

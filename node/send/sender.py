@@ -25,10 +25,10 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from db.queue import ResultRecord, SessionFactory, claim_results, mark_send_failed, mark_sent
-from node.breaker import CircuitBreaker
 from node.errors import SendError
-from node.faults import crash_point
-from node.scp import VERIFICATION
+from node.receive.scp import VERIFICATION
+from node.runtime.faults import crash_point
+from node.send.breaker import CircuitBreaker
 from node.settings import Destination, SendSettings, Settings, TLSSettings
 from node.tls import client_context
 

@@ -17,7 +17,7 @@ import numpy.typing as npt
 from pydicom import Dataset
 
 from models.base import UnsupportedInput, Volume
-from node.radiograph import radiograph_to_volume
+from node.infer.radiograph import radiograph_to_volume
 
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX"})
 

@@ -2,13 +2,13 @@
 
 Train, select on the official val split, measure on the official test split::
 
-    python -m models.train_cxr_pneumonia \\
+    python -m models.training.train_cxr_pneumonia \\
         --data ../shared/datasets/pneumoniamnist.npz \\
         --out models/weights/cxr_pneumonia.safetensors
 
 Re-measure the shipped weights on the test split without training::
 
-    python -m models.train_cxr_pneumonia --evaluate
+    python -m models.training.train_cxr_pneumonia --evaluate
 
 Everything runs on the CPU with fixed seeds and deterministic torch algorithms, so a run with
 the same data, seed, thread count and torch version gives the same weights. The metrics,
@@ -434,7 +434,7 @@ def run_training(data: Path, out: Path, cfg: TrainConfig) -> int:
             "torch": torch.__version__,
             "numpy": np.__version__,
             "python": platform.python_version(),
-            "command": "python -m models.train_cxr_pneumonia --data "
+            "command": "python -m models.training.train_cxr_pneumonia --data "
             + str(data)
             + " --out "
             + str(out),
@@ -490,7 +490,7 @@ def run_evaluation(data: Path, weights: Path, threads: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(
-        prog="python -m models.train_cxr_pneumonia",
+        prog="python -m models.training.train_cxr_pneumonia",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     parser.add_argument(

@@ -27,9 +27,9 @@ from db.queue import (
     instance_known,
     record_instances,
 )
-from node.faults import crash_point
-from node.journal import Buffer, Payload, Segment, Ticket, parts_of, read_segment, segments
-from node.storage import durable_write
+from node.runtime.faults import crash_point
+from node.store.files import durable_write
+from node.store.journal import Buffer, Payload, Segment, Ticket, parts_of, read_segment, segments
 
 log = logging.getLogger("ainode.ingest")
 JOURNAL = "journal"

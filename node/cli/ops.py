@@ -23,8 +23,8 @@ from rich.table import Table
 from db import admin
 from db.queue import SessionFactory
 from db.schema import JobStatus
-from node.clock import utcnow
 from node.errors import ConfigError
+from node.runtime.clock import utcnow
 from node.settings import CONFIG_ENV, Settings, load_settings
 
 jobs_app = typer.Typer(help="The job queue: list, show, retry, cancel, re-send.",
@@ -266,8 +266,8 @@ def destinations_echo(names: Annotated[list[str] | None, typer.Argument(
                           help="Destination names; all when none given.")] = None,
                       config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """C-ECHO destinations (with progress); each outcome goes to the audit log."""
-    from node.scp import quiet_pynetdicom
-    from node.sender import echo
+    from node.receive.scp import quiet_pynetdicom
+    from node.send.sender import echo
 
     settings = _settings(config)
     try:

@@ -54,14 +54,14 @@ from pynetdicom import __version__ as pynetdicom_version
 from pynetdicom.transport import ThreadedAssociationServer
 
 from db.queue import InstanceMeta, SessionFactory, instance_known, record_instance
-from node.clock import utcnow
 from node.errors import InvalidInstance, StorageError
-from node.faults import crash_point
-from node.ingest import Ingest
-from node.metrics import ASSOCIATIONS
-from node.reactor import EventDrivenHandler, check_supported
+from node.receive.reactor import EventDrivenHandler, check_supported
+from node.runtime.clock import utcnow
+from node.runtime.faults import crash_point
+from node.runtime.metrics import ASSOCIATIONS
 from node.settings import DicomSettings, Settings, StorageSettings
-from node.storage import StorageFull, check_uid, durable_write, ensure_free_space, instance_path
+from node.store.files import StorageFull, check_uid, durable_write, ensure_free_space, instance_path
+from node.store.ingest import Ingest
 from node.tls import server_context
 
 log = logging.getLogger("ainode.scp")
@@ -528,7 +528,7 @@ def start_scp(dicom: DicomSettings, ctx: StoreContext, channel: socket.socket | 
     if check_supported():
         extra["request_handler"] = EventDrivenHandler
     else:
-        log.warning("pynetdicom %s is not the version node.reactor was written for: "
+        log.warning("pynetdicom %s is not the version node.receive.reactor was written for: "
                     "using its stock (polling) association loops", pynetdicom_version)
     server = ae.make_server((dicom.host, dicom.port), evt_handlers=handlers,
                             ssl_context=ssl_context, server_class=server_class, **extra)

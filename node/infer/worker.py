@@ -35,13 +35,13 @@ from db.queue import (
 )
 from models.base import Model, ModelError, Prediction, UnsupportedInput, Volume
 from models.registry import ModelFactory, UnknownModel, create
-from node.faults import crash_point
+from node.infer.volume import build_volume
 from node.results import ResultContext, build_seg, build_sr
 from node.results.heatmap import build_heatmap_seg
 from node.results.sc import build_sc
+from node.runtime.faults import crash_point
 from node.settings import Settings
-from node.storage import durable_write, result_path
-from node.volume import build_volume
+from node.store.files import durable_write, result_path
 
 log = logging.getLogger("ainode.worker")
 

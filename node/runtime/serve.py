@@ -16,15 +16,15 @@ from sqlalchemy import Engine
 
 from db.engine import make_engine, make_session_factory
 from db.migrate import upgrade
-from node.acceptors import AcceptorPool, node_id, replay_all
 from node.admin.server import listening, start_admin
-from node.clock import utcnow
-from node.ingest import Ingest, journal_dir
-from node.reactor import check_supported
-from node.scheduler import make_scheduler
-from node.scp import start_receiver
+from node.receive.acceptors import AcceptorPool, node_id, replay_all
+from node.receive.reactor import check_supported
+from node.receive.scp import start_receiver
+from node.runtime.clock import utcnow
+from node.runtime.scheduler import make_scheduler
 from node.settings import Settings
-from node.storage import remove_temp_files
+from node.store.files import remove_temp_files
+from node.store.ingest import Ingest, journal_dir
 
 log = logging.getLogger("ainode.serve")
 

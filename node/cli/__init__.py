@@ -1,0 +1,3 @@
+"""The ``ainode`` command line: ``main`` (serve, worker, config, models) and ``ops`` (status,
+jobs, studies, destinations).
+"""

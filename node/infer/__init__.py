@@ -1,0 +1,3 @@
+"""Running models: the worker process, volume building, radiograph preprocessing and model
+loading.
+"""

@@ -1,0 +1,2 @@
+"""Delivering results: the outbox sender, the per-destination circuit breaker and C-ECHO.
+"""

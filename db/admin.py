@@ -17,24 +17,28 @@ from sqlalchemy.orm import Session
 
 from db.audit import AuditEntry, WorkerPresence
 from db.engine import reading
+from db.errors import Conflict as Conflict  # re-exported: callers catch admin.Conflict
+from db.errors import DbError
+from db.errors import NotFound as NotFound  # re-exported: callers catch admin.NotFound
 from db.queue import SessionFactory
-from db.schema import Instance, Job, JobStatus, Result, ResultStatus, Series, Study
+from db.schema import (
+    Instance,
+    Job,
+    JobStatus,
+    Result,
+    ResultKind,
+    ResultStatus,
+    Series,
+    Study,
+)
 
 MAX_PER_PAGE = 200
 PRESENCE_EVERY = timedelta(seconds=5)
 PRESENCE_STALE = timedelta(seconds=30)
 
 
-class AdminError(Exception):
-    """An admin request that cannot be done; mapped to an HTTP code at the boundary."""
-
-
-class NotFound(AdminError):
-    """No such job, result or study."""
-
-
-class Conflict(AdminError):
-    """The object is not in a state that allows the action."""
+#: The former name of :class:`db.errors.DbError`, kept for callers that still use it.
+AdminError = DbError
 
 
 # --- records ----------------------------------------------------------------
@@ -82,7 +86,7 @@ class ResultRow:
     id: int
     job_id: int
     destination: str
-    kind: str
+    kind: ResultKind
     sop_class_uid: str
     sop_instance_uid: str
     path: str
@@ -200,7 +204,7 @@ def _job_row(job: Job, series: Series, study: Study) -> JobRow:
         id=job.id, status=job.status.value, model=job.model, route=job.route,
         modality=series.modality, study_uid=study.study_uid, series_uid=series.series_uid,
         accession_number=study.accession_number, series_description=series.series_description,
-        destinations=[d for d in job.destinations.split(",") if d], attempts=job.attempts,
+        destinations=list(job.destinations), attempts=job.attempts,
         max_attempts=job.max_attempts, created_at=job.created_at, started_at=job.started_at,
         finished_at=job.finished_at, inference_seconds=job.inference_seconds,
         lease_owner=job.lease_owner, last_error=job.last_error)

@@ -37,7 +37,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import reading
-from db.schema import Instance, Job, JobStatus, Result, ResultStatus, Series, Study
+from db.schema import (
+    Instance,
+    Job,
+    JobStatus,
+    Result,
+    ResultKind,
+    ResultStatus,
+    Series,
+    Study,
+)
 
 SessionFactory = sessionmaker[Session]
 _Q = TypeVar("_Q", bound="Select[Any]")
@@ -109,10 +118,13 @@ class JobRecord:
 class ResultSpec:
     """A produced object to deliver to each of the job's destinations."""
 
-    kind: str
+    kind: ResultKind
     sop_class_uid: str
     sop_instance_uid: str
     path: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", ResultKind(self.kind))  # also accepts its value
 
 
 @dataclass(frozen=True)
@@ -120,7 +132,7 @@ class ResultRecord:
     id: int
     job_id: int
     destination: str
-    kind: str
+    kind: ResultKind
     sop_class_uid: str
     sop_instance_uid: str
     path: str
@@ -282,7 +294,7 @@ def dispatch_stable_studies(
                 row.runs = info.run
                 for job_plan in plans:
                     job = Job(series_id=row.id, study_id=study_id, model=job_plan.model,
-                              route=job_plan.route, destinations=",".join(job_plan.destinations),
+                              route=job_plan.route, destinations=list(job_plan.destinations),
                               run=info.run, uid_seed=uuid.uuid4().hex, status=JobStatus.QUEUED,
                               attempts=0, max_attempts=max_attempts, created_at=now)
                     s.add(job)
@@ -301,7 +313,7 @@ def _job_record(s: Session, job: Job) -> JobRecord:
     return JobRecord(
         id=job.id, series_id=job.series_id, study_id=job.study_id, series_uid=series.series_uid,
         study_uid=study.study_uid, model=job.model, route=job.route,
-        destinations=tuple(d for d in job.destinations.split(",") if d), run=job.run,
+        destinations=tuple(job.destinations), run=job.run,
         uid_seed=job.uid_seed, status=job.status, attempts=job.attempts,
         max_attempts=job.max_attempts, lease_owner=job.lease_owner,
     )
@@ -371,7 +383,7 @@ def heartbeat(factory: SessionFactory, job_id: int, owner: str, now: datetime,
 
 def complete_job(factory: SessionFactory, job_id: int, owner: str, now: datetime,
                  results: Sequence[ResultSpec], inference_seconds: float,
-                 kinds: Mapping[str, Collection[str]] | None = None) -> bool:
+                 kinds: Mapping[str, Collection[ResultKind]] | None = None) -> bool:
     """Mark the job done and put its results in the outbox, in one transaction.
 
     ``kinds`` maps a destination to the result kinds it takes (all when absent).
@@ -387,7 +399,7 @@ def complete_job(factory: SessionFactory, job_id: int, owner: str, now: datetime
             return False
         job = s.get(Job, job_id)
         assert job is not None
-        for dest in (d for d in job.destinations.split(",") if d):
+        for dest in job.destinations:
             for spec in results:
                 if kinds is not None and dest in kinds and spec.kind not in kinds[dest]:
                     continue

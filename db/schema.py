@@ -10,6 +10,7 @@ import enum
 from datetime import datetime
 
 from sqlalchemy import (
+    JSON,
     Enum,
     Float,
     ForeignKey,
@@ -50,6 +51,47 @@ class ResultStatus(enum.StrEnum):
     """Claimed by one sender (lease owner) until it records the outcome or its lease expires."""
     SENT = "sent"
     FAILED = "failed"
+
+
+class ResultKind(enum.StrEnum):
+    """The kinds of result object the node writes, one series each.
+
+    The value names the kind in series descriptions, file names, UID derivation
+    and the ``results.kind`` column; for SEG and SR it is also the DICOM Modality
+    (see :attr:`modality`). ``node.results`` re-exports it.
+    """
+
+    SEG = "SEG"
+    """BINARY Segmentation of the model's segments."""
+    SR = "SR"
+    """TID 1500 measurement report (Comprehensive 3D SR)."""
+    HEATMAP = "HEATMAP"
+    """FRACTIONAL Segmentation of the class-activation heatmaps."""
+    SC = "SC"
+    """Secondary-capture "AI result" images with burned-in overlays and legend."""
+
+    @property
+    def modality(self) -> str:
+        """The DICOM Modality of this kind's objects."""
+        return _MODALITIES[self]
+
+    @property
+    def series_offset(self) -> int:
+        """Offset added to a job's base Series Number for this kind's series."""
+        return _SERIES_OFFSETS[self]
+
+    @property
+    def multi_instance(self) -> bool:
+        """Whether one result of this kind may have several instances (SC images)."""
+        return self is ResultKind.SC
+
+
+#: DICOM Modality per result kind.
+_MODALITIES = {ResultKind.SEG: "SEG", ResultKind.SR: "SR", ResultKind.HEATMAP: "SEG",
+               ResultKind.SC: "OT"}
+
+#: Series Number offset per result kind; existing offsets never change.
+_SERIES_OFFSETS = {ResultKind.SEG: 1, ResultKind.SR: 2, ResultKind.HEATMAP: 3, ResultKind.SC: 4}
 
 
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
@@ -121,8 +163,8 @@ class Job(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
     model: Mapped[str] = mapped_column(String(64))
     route: Mapped[str] = mapped_column(String(64))
-    destinations: Mapped[str] = mapped_column(Text, default="")
-    """Comma-separated destination names."""
+    destinations: Mapped[list[str]] = mapped_column(JSON, default=list)
+    """Names of the destinations the results go to, in route order (a JSON list)."""
     run: Mapped[int] = mapped_column(Integer)
     uid_seed: Mapped[str] = mapped_column(String(64))
     """Seed of the result UIDs: a re-run after a crash produces the same UIDs."""
@@ -154,7 +196,7 @@ class Result(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
-    kind: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[ResultKind] = mapped_column(_enum(ResultKind, "result_kind"))
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(String(512))

@@ -46,7 +46,13 @@ from tests.peers import (
     wait_until,
     write_config,
 )
-from tests.pg import pg_factory_fixture, pg_url_fixture, postgres_fixture  # noqa: F401
+from tests.pg import (  # noqa: F401
+    PostgresServer,
+    pg_factory_fixture,
+    pg_url_fixture,
+    postgres_fixture,
+)
+from tests.test_migrations import check_destinations_become_json_lists
 from tests.test_queue import T0, dispatch, meta
 
 Factory = sessionmaker[Session]
@@ -82,6 +88,10 @@ def test_migrating_twice_and_concurrently_is_harmless(pg_url: str) -> None:
     for t in threads:
         t.join()
     sqlite_cases.test_migrations_match_declared_schema(pg_url)
+
+
+def test_comma_joined_destinations_become_json_lists(postgres: PostgresServer) -> None:
+    check_destinations_become_json_lists(postgres.create_database())
 
 
 @pytest.mark.parametrize("case", QUEUE_CASES, ids=lambda c: c.__name__.removeprefix("test_"))

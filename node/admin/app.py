@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from db.admin import AdminError, Conflict, NotFound
+from db.errors import Conflict, DbError, NotFound
 from db.queue import SessionFactory
 from node.admin import api
 from node.admin.auth import Guard, load_credentials
@@ -44,8 +44,8 @@ def create_app(settings: Settings, factory: SessionFactory, *,
     app.state.ctx = ctx
     registry = make_registry(factory, clock)
 
-    @app.exception_handler(AdminError)
-    async def admin_error(_request: Request, exc: AdminError) -> JSONResponse:
+    @app.exception_handler(DbError)
+    async def db_error(_request: Request, exc: DbError) -> JSONResponse:
         code = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Conflict) else 400
         return JSONResponse({"detail": str(exc)}, status_code=code)
 

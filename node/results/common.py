@@ -1,16 +1,17 @@
 """What every DICOM result object needs: algorithm identity, deterministic UIDs, source headers.
 
-UIDs are derived from a seed (``ResultContext.uid_seed``, e.g. the job id or the
-source series UID plus the model name) with a SHA-512 hash, so that re-running a
-job after a crash yields the same Series and SOP Instance UIDs and the PACS
-overwrites the earlier object instead of storing a duplicate.
+UIDs are derived from a seed (``ResultContext.uid_seed``) with a SHA-512 hash. The
+worker passes the job's ``uid_seed`` column (``db.schema.Job.uid_seed``): a random
+hex string made when the job is queued and stored with it, so re-running a job
+after a crash (or an admin retry) yields the same Series and SOP Instance UIDs
+and the PACS overwrites the earlier object instead of storing a duplicate, while a
+new run of the series (a new job) gets new UIDs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import enum
 import math
 import warnings
 from collections.abc import Hashable, Iterator, Sequence
@@ -25,6 +26,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import PYDICOM_ROOT_UID, UID, generate_uid
 from pydicom.valuerep import VR, validate_value
 
+from db.schema import ResultKind as ResultKind  # re-exported to the builders
 from models.base import Code
 
 #: Root of every UID this package derives; a hospital may pass its own root instead.
@@ -78,45 +80,6 @@ _PATIENT_SEX_VALUES = ("M", "F", "O")
 
 #: Spacing attributes whose values must be positive numbers (a ``0\0`` is dropped).
 _SPACING_KEYWORDS = ("PixelSpacing", "ImagerPixelSpacing", "NominalScannedPixelSpacing")
-
-
-class ResultKind(enum.StrEnum):
-    """The kinds of result object the node writes, one series each.
-
-    The value names the kind in series descriptions and UID derivation; for SEG and
-    SR it is also the DICOM Modality (see :attr:`modality`).
-    """
-
-    SEG = "SEG"
-    """BINARY Segmentation of the model's segments."""
-    SR = "SR"
-    """TID 1500 measurement report (Comprehensive 3D SR)."""
-    HEATMAP = "HEATMAP"
-    """FRACTIONAL Segmentation of the class-activation heatmaps."""
-    SC = "SC"
-    """Secondary-capture "AI result" images with burned-in overlays and legend."""
-
-    @property
-    def modality(self) -> str:
-        """The DICOM Modality of this kind's objects."""
-        return _MODALITIES[self.value]
-
-    @property
-    def series_offset(self) -> int:
-        """Offset added to ``ResultContext.series_number_base`` for this kind's series."""
-        return _SERIES_OFFSETS[self.value]
-
-    @property
-    def multi_instance(self) -> bool:
-        """Whether one result of this kind may have several instances (SC images)."""
-        return self is ResultKind.SC
-
-
-#: DICOM Modality per result kind (values of :class:`ResultKind`).
-_MODALITIES = {"SEG": "SEG", "SR": "SR", "HEATMAP": "SEG", "SC": "OT"}
-
-#: Series Number offset per result kind; existing offsets never change.
-_SERIES_OFFSETS = {"SEG": 1, "SR": 2, "HEATMAP": 3, "SC": 4}
 
 
 def derive_uid(prefix: str, *parts: str) -> UID:
@@ -198,8 +161,9 @@ class ResultContext:
     ``model_version`` goes into series descriptions; ``algorithm_version`` (for
     example the version plus a weights hash, ``Model.algorithm_version``) into the
     algorithm identification and defaults to ``model_version``. ``uid_seed``
-    determines the result UIDs (see :func:`result_uids`); use something stable for
-    the job, such as the source series UID plus the model name.
+    determines the result UIDs (see :func:`result_uids`): the worker passes the
+    job's stored seed (``db.schema.Job.uid_seed``), the same for every attempt of
+    the job.
     """
 
     model_name: str

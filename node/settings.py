@@ -20,6 +20,7 @@ from pydantic import (
 )
 from pydicom.datadict import tag_for_keyword
 
+from db.schema import ResultKind
 from node.errors import ConfigError
 
 CONFIG_ENV = "AINODE_CONFIG"
@@ -88,6 +89,9 @@ class DicomSettings(_Section):
     acceptors: Annotated[int, Field(ge=1, le=64)] = 1
     """Processes receiving associations; more than 1 spreads them over cores (one per core)."""
     network_timeout: Annotated[float, Field(gt=0)] = 60.0
+    fast_path: bool = True
+    """pynetdicom's association loops made event-driven (node/receive/reactor.py); false runs
+    pynetdicom's stock (polling) loops, in one receiving process (dicom.acceptors is ignored)."""
     tls: TLSSettings = TLSSettings()
 
 
@@ -178,9 +182,10 @@ class Destination(_Section):
     calling_ae_title: AETitle | None = None
     """The AE title we call from; defaults to dicom.ae_title."""
     tls: DestinationTLS = DestinationTLS()
-    objects: Annotated[list[Literal["SEG", "SR", "HEATMAP", "SC"]], Field(min_length=1)] = [
-        "SEG", "SR", "HEATMAP"]
-    """Result objects this destination gets; SC is a burned-in secondary capture series."""
+    objects: Annotated[list[ResultKind], Field(min_length=1)] = [
+        ResultKind.SEG, ResultKind.SR, ResultKind.HEATMAP]
+    """Result objects this destination gets (TOML: their names, e.g. ["SEG", "SR"]); SC is a
+    burned-in secondary capture series. An SR brings its SEG (see node.results.selection)."""
 
 
 class Route(_Section):

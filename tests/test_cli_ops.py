@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 from db.audit import AuditEntry
 from node.cli.main import app
-from node.receive.scp import StoreContext, start_scp
 from node.runtime.clock import utcnow
-from node.settings import DicomSettings, StorageSettings
+from node.settings import DicomSettings
 from tests.peers import free_port
+from tests.receiver import running_receiver
 from tests.test_admin_api import ACCESSION, seed
 
 Factory = sessionmaker[Session]
@@ -104,10 +104,9 @@ def test_studies_list(config: Path, data: dict[str, int]) -> None:
 @pytest.fixture
 def scp(tmp_path: Path, factory: Factory) -> Iterator[int]:
     port = free_port()
-    server = start_scp(DicomSettings(ae_title="PACS", host="127.0.0.1", port=port),
-                       StoreContext(StorageSettings(dir=tmp_path / "scp"), factory, utcnow))
-    yield port
-    server.shutdown()
+    with running_receiver(tmp_path / "scp", factory,
+                          DicomSettings(ae_title="PACS", host="127.0.0.1", port=port)):
+        yield port
 
 
 # pynetdicom leaves the socket of a refused connection for the garbage collector.

@@ -23,9 +23,7 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.schema import Instance, Job
-from node.receive.scp import StoreContext, start_scp
-from node.runtime.clock import utcnow
-from node.settings import DicomSettings, StorageSettings, parse_settings
+from node.settings import DicomSettings, parse_settings
 from tests.peers import (
     CHEST_CT,
     ORTHANC,
@@ -39,6 +37,7 @@ from tests.peers import (
     wait_until,
     write_config,
 )
+from tests.receiver import running_receiver
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -191,11 +190,9 @@ def orthanc_with_autoroute(workdir: Path, node_port: int) -> Orthanc:
 
 @pytest.fixture
 def node_scp(tmp_path: Path, factory: sessionmaker[Session], node_port: int) -> Iterator[int]:
-    server = start_scp(DicomSettings(ae_title="AINODE", host="127.0.0.1", port=node_port),
-                       StoreContext(StorageSettings(dir=tmp_path / "node", min_free_mb=1),
-                                    factory, utcnow))
-    yield node_port
-    server.shutdown()
+    with running_receiver(tmp_path / "node", factory,
+                          DicomSettings(ae_title="AINODE", host="127.0.0.1", port=node_port)):
+        yield node_port
 
 
 def store_jobs(pacs: Orthanc) -> list[dict[str, object]]:

@@ -25,23 +25,20 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.schema import Instance
-from node.receive.scp import (
-    STATUS_CANNOT_UNDERSTAND,
-    STATUS_SOP_CLASS_MISMATCH,
-    STATUS_SUCCESS,
-    StoreContext,
-    quiet_pynetdicom,
-    start_scp,
-)
-from node.runtime.clock import utcnow
-from node.settings import DicomSettings, StorageSettings
-from tests.peers import CHEST_CT, SAMPLES, echoscu, free_port, storescu
+from node.receive.reactor import quiet_pynetdicom
+from node.receive.scp import StoreStatus
+from node.settings import DicomSettings
+from tests.peers import CHEST_CT, SAMPLES, echoscu, free_port, storescu, wait_until
+from tests.receiver import running_receiver
 
 Factory = sessionmaker[Session]
 CT = sorted(CHEST_CT.glob("*.dcm"))[0]
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 RT_PLAN = "1.2.840.10008.5.1.4.1.1.481.5"
-UID_PATH = re.compile(r"^instances/[0-9.]+/[0-9.]+/[0-9.]+\.dcm$")
+UID_PATH = re.compile(r"^instances/[0-9.]+/[0-9.]+/[0-9.]+\.dcm$"
+                      r"|^journal/test/[0-9]+-[0-9a-f]+\.journal$")  # the node's own journal
+CANNOT_UNDERSTAND, SOP_CLASS_MISMATCH, SUCCESS = (
+    StoreStatus.CANNOT_UNDERSTAND, StoreStatus.SOP_CLASS_MISMATCH, StoreStatus.SUCCESS)
 ANY = None  # the case may be accepted or refused, but must get a proper status
 
 
@@ -141,50 +138,50 @@ def _non_ascii(ds: Dataset) -> None:
 
 
 CASES = [
-    Case("missing-sop-instance-uid", edit(_delete("SOPInstanceUID")), STATUS_CANNOT_UNDERSTAND),
-    Case("missing-study-uid", edit(_delete("StudyInstanceUID")), STATUS_CANNOT_UNDERSTAND),
-    Case("missing-series-uid", edit(_delete("SeriesInstanceUID")), STATUS_CANNOT_UNDERSTAND),
-    Case("missing-sop-class-uid", edit(_delete("SOPClassUID")), STATUS_CANNOT_UNDERSTAND),
+    Case("missing-sop-instance-uid", edit(_delete("SOPInstanceUID")), CANNOT_UNDERSTAND),
+    Case("missing-study-uid", edit(_delete("StudyInstanceUID")), CANNOT_UNDERSTAND),
+    Case("missing-series-uid", edit(_delete("SeriesInstanceUID")), CANNOT_UNDERSTAND),
+    Case("missing-sop-class-uid", edit(_delete("SOPClassUID")), CANNOT_UNDERSTAND),
     Case("sop-class-contradicts-context", edit(_set(SOPClassUID=MR_IMAGE)),
-         STATUS_SOP_CLASS_MISMATCH),
+         SOP_CLASS_MISMATCH),
     Case("non-image-class-in-image-context", edit(_set(SOPClassUID=RT_PLAN)),
-         STATUS_SOP_CLASS_MISMATCH),
+         SOP_CLASS_MISMATCH),
     Case("non-image-class-proposed", edit(_set(SOPClassUID=RT_PLAN),
                                           MediaStorageSOPClassUID=RT_PLAN), ANY),
     Case("instance-uid-differs-from-request", edit(_set(SOPInstanceUID="1.2.3")),
-         STATUS_CANNOT_UNDERSTAND),
+         CANNOT_UNDERSTAND),
     Case("series-uid-escapes", edit(_set(SeriesInstanceUID="../../../../tmp/evil")),
-         STATUS_CANNOT_UNDERSTAND),
+         CANNOT_UNDERSTAND),
     Case("study-uid-escapes", edit(_set(StudyInstanceUID="1.2/../../../x")),
-         STATUS_CANNOT_UNDERSTAND),
+         CANNOT_UNDERSTAND),
     Case("sop-uid-escapes", edit(_set(SOPInstanceUID="../../../../etc/ainode-evil"),
                                  MediaStorageSOPInstanceUID="../../../../etc/ainode-evil"),
-         STATUS_CANNOT_UNDERSTAND),
+         CANNOT_UNDERSTAND),
     Case("sop-uid-escapes-meta-only", edit(_set(), MediaStorageSOPInstanceUID="../../x"),
-         STATUS_CANNOT_UNDERSTAND),
+         CANNOT_UNDERSTAND),
     Case("absolute-path-uid", edit(_set(StudyInstanceUID="/tmp/ainode-evil")),
-         STATUS_CANNOT_UNDERSTAND),
+         CANNOT_UNDERSTAND),
     Case("uid-too-long", edit(_set(SeriesInstanceUID="1." + "2" * 100)),
-         STATUS_CANNOT_UNDERSTAND),
-    Case("absurd-rows-columns", edit(_set(Rows=65535, Columns=65535)), STATUS_CANNOT_UNDERSTAND),
-    Case("zero-rows", edit(_set(Rows=0)), STATUS_CANNOT_UNDERSTAND),
-    Case("absurd-frames", edit(_set(NumberOfFrames=10**9)), STATUS_CANNOT_UNDERSTAND),
-    Case("bad-bits-allocated", edit(_set(BitsAllocated=13)), STATUS_CANNOT_UNDERSTAND),
-    Case("pixel-data-short", edit(_short_pixels), STATUS_CANNOT_UNDERSTAND),
-    Case("pixel-data-missing", edit(_delete("PixelData")), STATUS_CANNOT_UNDERSTAND),
+         CANNOT_UNDERSTAND),
+    Case("absurd-rows-columns", edit(_set(Rows=65535, Columns=65535)), CANNOT_UNDERSTAND),
+    Case("zero-rows", edit(_set(Rows=0)), CANNOT_UNDERSTAND),
+    Case("absurd-frames", edit(_set(NumberOfFrames=10**9)), CANNOT_UNDERSTAND),
+    Case("bad-bits-allocated", edit(_set(BitsAllocated=13)), CANNOT_UNDERSTAND),
+    Case("pixel-data-short", edit(_short_pixels), CANNOT_UNDERSTAND),
+    Case("pixel-data-missing", edit(_delete("PixelData")), CANNOT_UNDERSTAND),
     Case("very-long-values", edit(_set(SeriesDescription="X" * 20000, PatientName="P" * 60000,
                                        AccessionNumber="9" * 5000, SeriesNumber="9" * 11,
-                                       Modality="CT" * 500)), STATUS_SUCCESS),
-    Case("non-ascii-values", edit(_non_ascii), STATUS_SUCCESS),
+                                       Modality="CT" * 500)), SUCCESS),
+    Case("non-ascii-values", edit(_non_ascii), SUCCESS),
     Case("nul-and-control-chars", edit(_set(SeriesDescription="a\x00b\x01c\x1b[31m",
-                                            BodyPartExamined="\x00\x00")), STATUS_SUCCESS),
+                                            BodyPartExamined="\x00\x00")), SUCCESS),
     Case("wrong-vr-uid-as-us", raw(_patch_vr(b"\x20\x00\x0d\x00", b"US")), ANY),
     Case("wrong-vr-rows-as-sq", raw(_patch_vr(b"\x28\x00\x10\x00", b"SQ")), ANY),
     Case("wrong-vr-name-as-ob", raw(_patch_vr(b"\x10\x00\x10\x00", b"OB")), ANY),
     Case("unknown-vr", raw(_patch_vr(b"\x08\x00\x60\x00", b"ZZ")), ANY),
-    Case("truncated-header", raw(_truncate(0.001)), STATUS_CANNOT_UNDERSTAND),
-    Case("truncated-in-pixels", raw(_truncate(0.6)), STATUS_CANNOT_UNDERSTAND),
-    Case("truncated-to-meta", raw(_truncate(0.0)), STATUS_CANNOT_UNDERSTAND),
+    Case("truncated-header", raw(_truncate(0.001)), CANNOT_UNDERSTAND),
+    Case("truncated-in-pixels", raw(_truncate(0.6)), CANNOT_UNDERSTAND),
+    Case("truncated-to-meta", raw(_truncate(0.0)), CANNOT_UNDERSTAND),
     *(Case(f"random-header-bytes-{seed}", raw(_flip(seed)), ANY) for seed in range(40)),
     *(Case(f"sample-{name}", _sample(f"malformed/{name}.dcm"), ANY) for name in (
         "966_bad_J2K_COM_marker", "ELSCINT1_JP2vsJ2K", "JPEG2000-embedded-sequence-delimiter",
@@ -192,18 +189,16 @@ CASES = [
         "SC_rgb_small_odd", "TOSHIBA_J2K_SIZ0_PixRep1", "bad_sequence", "explicit_VR-UN",
         "badVR", "rtplan_truncated", "reportsi_with_empty_number_tags")),
     Case("sample-MR_truncated-pixels", _sample("malformed/MR_truncated.dcm"),
-         STATUS_CANNOT_UNDERSTAND),
+         CANNOT_UNDERSTAND),
 ]
 
 
 @pytest.fixture
 def scp(tmp_path: Path, factory: Factory) -> Iterator[tuple[int, Path]]:
     port = free_port()
-    storage = StorageSettings(dir=tmp_path / "store", min_free_mb=1)
-    server = start_scp(DicomSettings(host="127.0.0.1", port=port),
-                       StoreContext(storage, factory, utcnow))
-    yield port, storage.dir
-    server.shutdown()
+    root = tmp_path / "store"
+    with running_receiver(root, factory, DicomSettings(host="127.0.0.1", port=port)):
+        yield port, root
 
 
 def associate(port: int, contexts: list[tuple[str, str]]) -> Association:
@@ -244,7 +239,7 @@ def test_every_hostile_case_gets_a_status_and_valid_neighbours_are_stored(
         assoc = associate(port, [context])
         assert assoc.is_established, f"{case.name}: association refused"
         try:
-            assert assoc.send_c_store(before).Status == STATUS_SUCCESS
+            assert assoc.send_c_store(before).Status == SUCCESS
             try:
                 response = assoc.send_c_store(path)
             except ValueError as exc:  # no accepted presentation context: refused at negotiation
@@ -259,12 +254,13 @@ def test_every_hostile_case_gets_a_status_and_valid_neighbours_are_stored(
                 wanted = "any but 0xA700" if case.expected is None else hex(case.expected)
                 if code == 0xA700 or (case.expected is not None and code != case.expected):
                     failures.append(f"{case.name}: status 0x{code:04X}, expected {wanted}")
-            assert assoc.send_c_store(after).Status == STATUS_SUCCESS
+            assert assoc.send_c_store(after).Status == SUCCESS
         finally:
             assoc.release()
         for valid in (before, after):
-            assert str(pydicom.dcmread(valid, stop_before_pixels=True).SOPInstanceUID) \
-                in stored(factory), f"{case.name}: a valid neighbour was lost"
+            sop = str(pydicom.dcmread(valid, stop_before_pixels=True).SOPInstanceUID)
+            wait_until(lambda sop=sop: sop in stored(factory), 5,  # type: ignore[misc]
+                       what=f"{case.name}: a valid neighbour stored")
     assert failures == [], "\n".join(failures)
     assert echoscu(port) == 0  # still answering
     # Nothing written outside the storage folder, and inside it only UID-named files.

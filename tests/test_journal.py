@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from node.store.journal import HEAD, JournalWriteError, Segment, read_segment, segments
+from node.errors import JournalWriteError
+from node.store.journal import HEAD, Segment, read_segment, segments
 
 
 def test_records_round_trip_and_concurrent_appends_share_flushes(

@@ -6,8 +6,8 @@ import logging
 import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
@@ -16,16 +16,13 @@ from pynetdicom import AE
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
-from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.schema import Instance
 from node.receive.reactor import EventDrivenAssociation, check_supported, store_response_command
-from node.receive.scp import StoreContext, file_meta_header, start_scp
-from node.runtime.clock import utcnow
+from node.receive.scp import file_meta_header
 from node.settings import DicomSettings, StorageSettings
-from node.store.ingest import BATCH_SECONDS, Ingest, journal_dir
 from tests.peers import (
     CHEST_CT,
     SAMPLES,
@@ -35,53 +32,32 @@ from tests.peers import (
     storescu,
     wait_until,
 )
+from tests.receiver import running_receiver, settled_count
 
 Factory = sessionmaker[Session]
 
 
-def serve(tmp_path: Path, factory: Factory, ingest: Ingest | None = None, **dicom: object
-          ) -> tuple[int, StorageSettings, ThreadedAssociationServer]:
+@contextmanager
+def serve(tmp_path: Path, factory: Factory, min_free: int = 1, max_bytes: int = 2**31,
+          **dicom: object) -> Iterator[tuple[int, StorageSettings]]:
+    """The receiver as ``serve`` runs it (journal-first ingest) on a port of its own."""
     port = free_port()
-    storage = StorageSettings(dir=tmp_path / "store", min_free_mb=int(dicom.pop("min_free", 1)))
-    max_bytes = int(dicom.pop("max_bytes", 2**31))
+    storage = StorageSettings(dir=tmp_path / "store", min_free_mb=min_free)
     settings = DicomSettings(host="127.0.0.1", port=port, **dicom)  # type: ignore[arg-type]
-    server = start_scp(settings, StoreContext(storage, factory, utcnow, ingest, max_bytes))
-    return port, storage, server
+    with running_receiver(storage.dir, factory, settings, min_free_mb=min_free,
+                          max_instance_mb=max_bytes / 2**20):
+        yield port, storage
+    assert not list((storage.dir / "journal").rglob("*.journal"))
 
 
-@pytest.fixture(params=["journal", "inline"])
-def scp(request: pytest.FixtureRequest, tmp_path: Path, factory: Factory
-        ) -> Iterator[tuple[int, StorageSettings]]:
-    """The SCP with the journal-first ingest (as ``serve`` runs it) and with inline writes."""
-    ingest = None
-    if request.param == "journal":
-        root = tmp_path / "store"
-        ingest = Ingest(root, journal_dir(root, "test"), factory, utcnow)
-        ingest.start()
-    port, storage, server = serve(tmp_path, factory, ingest)
-    yield port, storage
-    server.shutdown()
-    if ingest is not None:
-        ingest.stop()
-        assert not list((tmp_path / "store" / "journal").rglob("*.journal"))
-
-
-def _rows(factory: Factory) -> int:
-    with factory() as s:
-        return int(s.scalar(select(func.count()).select_from(Instance)) or 0)
+@pytest.fixture
+def scp(tmp_path: Path, factory: Factory) -> Iterator[tuple[int, StorageSettings]]:
+    with serve(tmp_path, factory) as running:
+        yield running
 
 
 def count(factory: Factory) -> int:
-    """Instance rows once the ingest thread has caught up (it commits in batches)."""
-    deadline = time.monotonic() + 5
-    value = _rows(factory)
-    while time.monotonic() < deadline:
-        time.sleep(BATCH_SECONDS + 0.1)  # longer than the ingest thread gathers a batch
-        now = _rows(factory)
-        if now == value:
-            return now
-        value = now
-    return value
+    return settled_count(factory)
 
 
 def test_stores_series_durably_as_received(scp: tuple[int, StorageSettings],
@@ -136,15 +112,12 @@ def test_compressed_transfer_syntaxes_are_stored_as_received(
 
 def test_unknown_calling_ae_is_rejected(tmp_path: Path, factory: Factory,
                                         caplog: pytest.LogCaptureFixture) -> None:
-    port, _, server = serve(tmp_path, factory, allowed_calling_ae_titles=["PACS"])
-    try:
+    with serve(tmp_path, factory, allowed_calling_ae_titles=["PACS"]) as (port, _):
         with caplog.at_level(logging.WARNING, logger="ainode.scp"):
             assert echoscu(port, aet="INTRUDER") != 0
             assert echoscu(port, aet="PACS") == 0
         assert any("association rejected" in r.getMessage() and "INTRUDER" in r.getMessage()
                    for r in caplog.records)
-    finally:
-        server.shutdown()
 
 
 def test_corrupt_file_gets_a_failure_status_and_node_keeps_running(
@@ -177,36 +150,26 @@ def test_path_escaping_uid_is_refused(scp: tuple[int, StorageSettings], factory:
 
 def test_full_disk_answers_out_of_resources(tmp_path: Path, factory: Factory) -> None:
     free_mb = shutil.disk_usage(tmp_path).free // (1024 * 1024)
-    port, storage, server = serve(tmp_path, factory, min_free=free_mb + 1024 * 1024)
-    try:
+    with serve(tmp_path, factory, min_free=free_mb + 1024 * 1024) as (port, storage):
         out = storescu(port, sorted(CHEST_CT.glob("*.dcm"))[0])
         assert "outofresources" in (out.stdout + out.stderr).lower()  # 0xA700
         assert count(factory) == 0
         assert not list(storage.dir.rglob("*.dcm"))
-    finally:
-        server.shutdown()
 
 
 def test_connections_from_outside_the_allowed_networks_are_refused(
         tmp_path: Path, factory: Factory, caplog: pytest.LogCaptureFixture) -> None:
-    port, _, server = serve(tmp_path, factory, allowed_networks=["10.99.0.0/16"])
-    try:
+    with serve(tmp_path, factory, allowed_networks=["10.99.0.0/16"]) as (port, _):
         with caplog.at_level(logging.WARNING, logger="ainode.scp"):
             assert echoscu(port) != 0  # 127.0.0.1 is not in 10.99.0.0/16
         assert any("not in dicom.allowed_networks" in r.getMessage() for r in caplog.records)
-    finally:
-        server.shutdown()
-    port, _, server = serve(tmp_path, factory, allowed_networks=["127.0.0.0/8"])
-    try:
+    with serve(tmp_path, factory, allowed_networks=["127.0.0.0/8"]) as (port, _):
         assert echoscu(port) == 0
-    finally:
-        server.shutdown()
 
 
 def test_calling_ae_restricted_to_its_networks(tmp_path: Path, factory: Factory,
                                                caplog: pytest.LogCaptureFixture) -> None:
-    port, _, server = serve(tmp_path, factory, ae_networks={"PACS": ["10.99.0.0/16"]})
-    try:
+    with serve(tmp_path, factory, ae_networks={"PACS": ["10.99.0.0/16"]}) as (port, _):
         with caplog.at_level(logging.WARNING, logger="ainode.scp"):
             refused = subprocess.run(  # PACS may only come from 10.99/16
                 ["echoscu", "-aet", "PACS", "-aec", "AINODE", "127.0.0.1", str(port)],
@@ -216,18 +179,13 @@ def test_calling_ae_restricted_to_its_networks(tmp_path: Path, factory: Factory,
             assert "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
             assert echoscu(port, aet="OTHER") == 0  # not restricted
         assert any("dicom.ae_networks" in r.getMessage() for r in caplog.records)
-    finally:
-        server.shutdown()
 
 
 def test_oversized_instance_is_refused(tmp_path: Path, factory: Factory) -> None:
-    port, storage, server = serve(tmp_path, factory, max_bytes=100_000)
-    try:
+    with serve(tmp_path, factory, max_bytes=100_000) as (port, storage):
         out = storescu(port, sorted(CHEST_CT.glob("*.dcm"))[0])  # about 525 kB
         assert "outofresources" in (out.stdout + out.stderr).lower()  # 0xA700
         assert count(factory) == 0 and not list(storage.dir.rglob("*.dcm"))
-    finally:
-        server.shutdown()
 
 
 @pytest.mark.parametrize(("sop_class", "sop_instance", "syntax"), [

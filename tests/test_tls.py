@@ -28,21 +28,19 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import make_engine, make_session_factory
 from db.queue import ResultSpec, claim_job, complete_job, record_instance
-from db.schema import Instance, Result, ResultStatus
+from db.schema import Result, ResultStatus
+from node.dimse import VERIFICATION
 from node.errors import ConfigError
-from node.receive.scp import VERIFICATION, StoreContext, start_scp
-from node.runtime.clock import utcnow
 from node.send.sender import echo, send_due
 from node.settings import (
     DestinationTLS,
     DicomSettings,
     Settings,
-    StorageSettings,
     TLSSettings,
     parse_settings,
 )
@@ -60,6 +58,7 @@ from tests.peers import (
     wait_until,
     write_config,
 )
+from tests.receiver import running_receiver, settled_count
 from tests.test_queue import T0, dispatch, meta
 
 Factory = sessionmaker[Session]
@@ -147,15 +146,12 @@ def tls_scp(tmp_path: Path, factory: Factory, pki: Pki
             ) -> Iterator[tuple[int, ThreadedAssociationServer]]:
     port = free_port()
     dicom = DicomSettings(host="127.0.0.1", port=port, tls=tls_settings(pki))
-    server = start_scp(dicom, StoreContext(StorageSettings(dir=tmp_path / "store", min_free_mb=1),
-                                           factory, utcnow))
-    yield port, server
-    server.shutdown()
+    with running_receiver(tmp_path / "store", factory, dicom) as server:
+        yield port, server
 
 
 def count(factory: Factory) -> int:
-    with factory() as s:
-        return int(s.scalar(select(func.count()).select_from(Instance)) or 0)
+    return settled_count(factory)
 
 
 def tls_options(cert: Path, key: Path, ca: Path) -> tuple[str, ...]:
@@ -226,14 +222,10 @@ def test_client_certificate_optional_when_not_required(tmp_path: Path, factory: 
     port = free_port()
     dicom = DicomSettings(host="127.0.0.1", port=port,
                           tls=tls_settings(pki, require_client_cert=False))
-    server = start_scp(dicom, StoreContext(StorageSettings(dir=tmp_path / "s", min_free_mb=1),
-                                           factory, utcnow))
-    try:
+    with running_receiver(tmp_path / "s", factory, dicom):
         assert _pynetdicom_echo(port, pki, with_cert=False)
         assert echoscu(port) != 0  # still TLS only
         collect_dropped_sockets()
-    finally:
-        server.shutdown()
 
 
 # --- sending over TLS -----------------------------------------------------------------

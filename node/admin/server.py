@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from db.queue import SessionFactory
 from node.admin.app import create_app
 from node.admin.catalog import catalog
+from node.errors import StartupError
 from node.infer.plugins import available_models
 from node.settings import Settings
 
@@ -35,9 +36,9 @@ class AdminServer:
         deadline = time.monotonic() + timeout
         while not self.server.started:
             if not self.thread.is_alive():
-                raise RuntimeError(f"admin server could not start on {self.address}")
+                raise StartupError(f"admin server could not start on {self.address}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"admin server did not start on {self.address} in time")
+                raise StartupError(f"admin server did not start on {self.address} in time")
             time.sleep(0.05)
         log.info("admin server on http://%s/", self.address)
 

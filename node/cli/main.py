@@ -139,7 +139,7 @@ def db_upgrade(config: ConfigOption = None) -> None:
 def echo(destination: Annotated[str, typer.Argument(help="Destination name from the config.")],
          config: ConfigOption = None) -> None:
     """C-ECHO a configured destination."""
-    from node.receive.scp import quiet_pynetdicom
+    from node.receive.reactor import quiet_pynetdicom
     from node.send.sender import echo as c_echo
 
     settings = _settings(config)

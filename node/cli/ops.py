@@ -266,7 +266,7 @@ def destinations_echo(names: Annotated[list[str] | None, typer.Argument(
                           help="Destination names; all when none given.")] = None,
                       config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """C-ECHO destinations (with progress); each outcome goes to the audit log."""
-    from node.receive.scp import quiet_pynetdicom
+    from node.receive.reactor import quiet_pynetdicom
     from node.send.sender import echo
 
     settings = _settings(config)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 import logging
 import selectors
 import signal
@@ -31,14 +30,9 @@ from types import FrameType
 
 from db.engine import make_engine, make_session_factory
 from db.queue import SessionFactory
-from node.receive.scp import (
-    ENDED,
-    OUTCOME_BYTES,
-    READY,
-    HandoffServer,
-    address_allowed,
-    start_receiver,
-)
+from node.errors import StartupError
+from node.receive.handoff import ENDED, OUTCOME_BYTES, READY, HandoffServer, encode_address
+from node.receive.server import address_allowed, start_receiver
 from node.runtime.metrics import ASSOCIATIONS
 from node.settings import Settings
 from node.store.ingest import journal_dir, replay
@@ -114,7 +108,7 @@ class AcceptorPool:
             acceptor.channel.settimeout(HANDOFF_TIMEOUT)
             if not ready:
                 self.stop()
-                raise RuntimeError(f"acceptor {acceptor.index} did not start")
+                raise StartupError(f"acceptor {acceptor.index} did not start")
         family = socket.AF_INET6 if ":" in dicom.host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -187,7 +181,7 @@ class AcceptorPool:
                 conn.close()  # the acceptor holds its own copy of the socket
 
     def _hand_over(self, conn: socket.socket, address: tuple[str, int]) -> None:
-        message = json.dumps([address[0], address[1]]).encode()
+        message = encode_address(address)
         with self._lock:
             candidates = sorted((a for a in self.acceptors if a.alive), key=lambda a: a.active)
         for acceptor in candidates:
@@ -244,7 +238,7 @@ def run_acceptor(settings: Settings, index: int, channel: socket.socket) -> int:
     signal.signal(signal.SIGINT, on_signal)
     journal = journal_dir(settings.storage.dir, node_id(settings, index))
     replay(settings.storage.dir, journal, factory)
-    ingest, server = start_receiver(settings, factory, journal, channel)
+    ingest, server = start_receiver(settings, factory, journal, HandoffServer, channel=channel)
     assert isinstance(server, HandoffServer)
     channel.send(READY)
     try:

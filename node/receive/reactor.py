@@ -1,4 +1,11 @@
-"""Event-driven reactor loops for pynetdicom's acceptor associations.
+"""Everything of the node that touches pynetdicom's internals, and nothing else.
+
+The only module allowed to (``tests/unit/test_architecture.py`` checks it): the
+event-driven loops below (the fast path, off with ``dicom.fast_path = false``),
+pynetdicom's module-level logging switches (``pynetdicom._config``, its documented
+way), registering a server with its AE, and finding an association's server.
+
+Event-driven reactor loops for pynetdicom's acceptor associations.
 
 pynetdicom polls. An association has two threads: the DUL thread sleeps 1 ms
 whenever a pass found nothing to do, and the association thread sleeps 1 ms
@@ -34,8 +41,9 @@ import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
+import pydicom.config
 import pynetdicom
-from pynetdicom import evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import LOGGER as ASSOC_LOG
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
@@ -57,6 +65,32 @@ IDLE_WAKE = 0.01
 
 def check_supported() -> bool:
     return pynetdicom.__version__.startswith(SUPPORTED)
+
+
+def quiet_pynetdicom() -> None:
+    """Keep identifiers (patient names and IDs) out of pynetdicom's own log lines.
+
+    Also read values leniently: a malformed value in an element the node does not
+    use must not turn a valid instance away (what is used is checked explicitly).
+    """
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    _config.LOG_HANDLER_LEVEL = "none"
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def register_server(ae: AE, server: Any) -> None:
+    """Register a server made with ``AE.make_server`` as ``AE.start_server`` does.
+
+    The server's ``shutdown()`` removes it from its AE again, so it must be there.
+    """
+    ae._servers.append(server)
+
+
+def association_server(assoc: Association) -> Any:
+    """The association server an acceptor association belongs to."""
+    return assoc._server
 
 
 class _SignalQueue(queue.Queue):  # type: ignore[type-arg]

@@ -1,110 +1,73 @@
-"""The DICOM receiver: C-ECHO and C-STORE.
+"""The C-STORE and C-ECHO handlers and the checks a received instance must pass.
 
-The C-STORE handler only stores: the encoded dataset as received (pixel data
-never decoded) with a file meta header goes to a temp file, is fsync'd and
-renamed into place, its row is committed, and only then is success returned.
-Everything else happens later, off the association.
+The C-STORE handler only stores: the data set exactly as received (pixel data
+never decoded) with its file meta header goes to the ingest journal, and success
+is answered once the journal has flushed it (:class:`node.store.ingest.Ingest`).
+Files, rows and everything else follow off the association. A refused instance
+gets the DIMSE status of its error's type (:func:`status_for`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
-import json
 import logging
 import re
-import socket
 import struct
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime
-from pathlib import Path
+from enum import IntEnum
 from typing import Any
 
-import pydicom
-import pydicom.config
 import pydicom.uid as uid
 from pydicom import Dataset
 from pydicom.dataelem import RawDataElement
 from pydicom.filereader import read_dataset
-from pydicom.uid import (
-    JPEG2000,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
-from pynetdicom import (
-    AE,
-    PYNETDICOM_IMPLEMENTATION_UID,
-    PYNETDICOM_IMPLEMENTATION_VERSION,
-    _config,
-    evt,
-)
-from pynetdicom import __version__ as pynetdicom_version
-from pynetdicom.transport import ThreadedAssociationServer
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
+from pynetdicom.status import Status
 
-from db.queue import InstanceMeta, SessionFactory, instance_known, record_instance
-from node.errors import InvalidInstance, StorageError
-from node.receive.reactor import EventDrivenHandler, check_supported
-from node.runtime.clock import utcnow
+from db.queue import InstanceMeta
+from node.errors import (
+    InstanceTooLarge,
+    InvalidInstance,
+    NodeError,
+    SOPClassMismatch,
+    StorageError,
+)
+from node.receive.reactor import association_server
 from node.runtime.faults import crash_point
-from node.runtime.metrics import ASSOCIATIONS
-from node.settings import DicomSettings, Settings, StorageSettings
-from node.store.files import StorageFull, check_uid, durable_write, ensure_free_space, instance_path
+from node.settings import StorageSettings
+from node.store.files import check_uid, ensure_free_space, instance_path
 from node.store.ingest import Ingest
-from node.tls import server_context
 
 log = logging.getLogger("ainode.scp")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-VERIFICATION = "1.2.840.10008.1.1"
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_SOP_CLASS_MISMATCH = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC210
-STATUS_PROCESSING_FAILURE = 0x0110
 
-STORAGE_SOP_CLASSES: tuple[str, ...] = (
-    uid.ComputedRadiographyImageStorage,
-    uid.DigitalXRayImageStorageForPresentation,
-    uid.DigitalXRayImageStorageForProcessing,
-    uid.CTImageStorage,
-    uid.EnhancedCTImageStorage,
-    uid.LegacyConvertedEnhancedCTImageStorage,
-    uid.MRImageStorage,
-    uid.EnhancedMRImageStorage,
-    uid.LegacyConvertedEnhancedMRImageStorage,
-    uid.SecondaryCaptureImageStorage,
-    uid.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
-    uid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
-    uid.MultiFrameTrueColorSecondaryCaptureImageStorage,
-)
+class StoreStatus(IntEnum):
+    """The C-STORE statuses the node answers (PS3.4 B.2.3; names as in pynetdicom's table)."""
 
-TRANSFER_SYNTAXES: tuple[str, ...] = (
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    JPEG2000Lossless,
-    JPEG2000,
-    RLELossless,
-)
+    SUCCESS = Status.SUCCESS
+    OUT_OF_RESOURCES = 0xA700
+    """Refused: Out of Resources."""
+    SOP_CLASS_MISMATCH = 0xA900
+    """Error: Data Set Does Not Match SOP Class."""
+    CANNOT_UNDERSTAND = 0xC210
+    """Error: Cannot Understand."""
+
+
+ERROR_STATUS: dict[type[NodeError], StoreStatus] = {
+    SOPClassMismatch: StoreStatus.SOP_CLASS_MISMATCH,
+    InvalidInstance: StoreStatus.CANNOT_UNDERSTAND,
+    StorageError: StoreStatus.OUT_OF_RESOURCES,
+}
+
+
+def status_for(exc: BaseException) -> StoreStatus:
+    """The DIMSE status for a refused instance: that of its error's nearest type in the tree."""
+    for cls in type(exc).__mro__:
+        if cls in ERROR_STATUS:
+            return ERROR_STATUS[cls]
+    return StoreStatus.OUT_OF_RESOURCES  # the database or something unforeseen
 
 
 @dataclass(frozen=True)
@@ -112,11 +75,9 @@ class StoreContext:
     """Everything the C-STORE handler needs, passed in."""
 
     storage: StorageSettings
-    factory: SessionFactory
-    clock: Callable[[], datetime]
-    ingest: Ingest | None = None
+    ingest: Ingest
+    """The journal-first durable path: an instance is durable when ``ingest.store`` returns."""
     max_instance_bytes: int = 2048 * 1024 * 1024
-    """The journal-first durable path; without it each instance is written and committed inline."""
 
 
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
@@ -214,7 +175,7 @@ def read_meta(ds: Dataset, affected_sop_class: str, affected_sop_instance: str) 
         if sop_uid != affected_sop_instance:
             raise InvalidInstance("SOP Instance UID differs from the request's")
         if sop_class != affected_sop_class:
-            raise InvalidInstance("SOP Class UID differs from the request's")
+            raise SOPClassMismatch("SOP Class UID differs from the request's")
         return InstanceMeta(
             study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, sop_class_uid=sop_class,
             transfer_syntax="", path="", size=0, calling_ae="",
@@ -269,9 +230,8 @@ def part10(event: Any) -> list[memoryview | bytes]:
 
 
 def handle_store(event: Any, ctx: StoreContext) -> int:
-    """C-STORE: store durably, record, then answer. Returns a DIMSE status."""
-    assoc = event.assoc
-    calling = str(assoc.requestor.ae_title).strip()
+    """C-STORE: make the instance durable, then answer. Returns a DIMSE status."""
+    calling = str(event.assoc.requestor.ae_title).strip()
     req = event.request
     try:
         ensure_free_space(ctx.storage.dir, ctx.storage.min_free_mb)
@@ -283,54 +243,38 @@ def handle_store(event: Any, ctx: StoreContext) -> int:
         meta = read_meta(ds, str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID))
         parts = part10(event)  # [file meta header, the data set as received]
         check_pixel_data(ds, str(event.context.transfer_syntax), len(parts[1]))
-        if ctx.ingest is None and instance_known(ctx.factory, meta.sop_uid):
-            log.info("duplicate instance sop=%s from %s: already stored", meta.sop_uid, calling)
-            return STATUS_SUCCESS
-        rel = instance_path(meta.study_uid, meta.series_uid, meta.sop_uid)
         size = sum(len(p) for p in parts)
         if size > ctx.max_instance_bytes:
-            raise StorageError(f"instance of {size} bytes exceeds dicom.max_instance_mb")
+            raise InstanceTooLarge(f"instance of {size} bytes exceeds dicom.max_instance_mb")
+        rel = instance_path(meta.study_uid, meta.series_uid, meta.sop_uid)
         meta = replace(meta, transfer_syntax=str(event.context.transfer_syntax), path=str(rel),
                        size=size, calling_ae=calling)
-        if ctx.ingest is not None:
-            new = ctx.ingest.store(meta, parts)  # durable in the journal when it returns
-        else:
-            durable_write(ctx.storage.dir, rel, b"".join(parts))
-            new = record_instance(ctx.factory, meta, ctx.clock())
-        if not new:
+        if not ctx.ingest.store(meta, parts):  # durable in the journal when it returns
             log.info("duplicate instance sop=%s from %s: already stored", meta.sop_uid, calling)
         crash_point("scp.durable")
-        return STATUS_SUCCESS
-    except StorageFull as exc:
-        log.error("store refused sop=%s from %s: out of resources: %s",
-                  req.AffectedSOPInstanceUID, calling, exc)
-        return STATUS_OUT_OF_RESOURCES
-    except StorageError as exc:
-        log.error("store failed sop=%s from %s: %s", req.AffectedSOPInstanceUID, calling, exc)
-        return STATUS_OUT_OF_RESOURCES
+        return StoreStatus.SUCCESS
     except InvalidInstance as exc:
-        status = (STATUS_SOP_CLASS_MISMATCH if "SOP Class UID differs" in str(exc)
-                  else STATUS_CANNOT_UNDERSTAND)
+        status = status_for(exc)
         log.warning("store rejected sop=%s from %s: %s (status 0x%04X)",
                     req.AffectedSOPInstanceUID, calling, exc, status)
         return status
+    except StorageError as exc:
+        log.error("store refused sop=%s from %s: out of resources: %s",
+                  req.AffectedSOPInstanceUID, calling, exc)
+        return status_for(exc)
     except Exception as exc:  # the database or something unforeseen: never kill the association
         log.exception("store failed sop=%s from %s: %s", req.AffectedSOPInstanceUID, calling,
                       type(exc).__name__)
-        return STATUS_OUT_OF_RESOURCES
+        return status_for(exc)
 
 
 def handle_echo(event: Any) -> int:
-    return STATUS_SUCCESS
+    return StoreStatus.SUCCESS
 
 
 def count_association(event: Any, outcome: str) -> None:
-    """Count an association's outcome, in the serve process when this is an acceptor process."""
-    server = getattr(event.assoc, "_server", None)
-    if isinstance(server, HandoffServer):
-        server.report(OUTCOME_BYTES[outcome])
-    else:
-        ASSOCIATIONS.labels(outcome).inc()
+    """Count an association's outcome where the metrics live (see ``report_outcome``)."""
+    association_server(event.assoc).report_outcome(outcome)
 
 
 def handle_rejected(event: Any) -> None:
@@ -367,176 +311,3 @@ def handle_accepted(event: Any) -> None:
              str(r.ae_title).strip())
 
 
-def quiet_pynetdicom() -> None:
-    """Keep identifiers (patient names and IDs) out of pynetdicom's own log lines.
-
-    Also read values leniently: a malformed value in an element the node does not
-    use must not turn a valid instance away (what is used is checked explicitly).
-    """
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    _config.LOG_REQUEST_IDENTIFIERS = False
-    _config.LOG_RESPONSE_IDENTIFIERS = False
-    _config.LOG_HANDLER_LEVEL = "none"
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-
-
-def make_ae(dicom: DicomSettings) -> AE:
-    ae = AE(ae_title=dicom.ae_title)
-    ae.maximum_pdu_size = dicom.max_pdu
-    ae.maximum_associations = dicom.max_associations
-    ae.network_timeout = dicom.network_timeout
-    ae.require_called_aet = True
-    if dicom.allowed_calling_ae_titles:
-        ae.require_calling_aet = list(dicom.allowed_calling_ae_titles)
-    ae.add_supported_context(VERIFICATION)
-    for sop_class in STORAGE_SOP_CLASSES:
-        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
-    return ae
-
-
-class _Server(ThreadedAssociationServer):
-    """The association server, refusing connections from outside ``allowed_networks``."""
-
-    allowed_networks: list[IPNetwork] = []
-
-    def prepare_client(self, client: socket.socket) -> socket.socket:
-        """Bound a connected socket's silence; wrap it for TLS (handshake in its own thread).
-
-        pynetdicom does the handshake in the accept loop, without a timeout, so
-        one client that connects and stays silent would block every other client.
-        """
-        client.settimeout(self.ae.network_timeout)  # bounds a silent client's handshake
-        if self.ssl_context:
-            client = self.ssl_context.wrap_socket(client, server_side=True,
-                                                  do_handshake_on_connect=False)
-        return client
-
-    def get_request(self) -> tuple[Any, Any]:
-        assert self.socket is not None
-        client, address = self.socket.accept()
-        return self.prepare_client(client), address
-
-    def verify_request(self, request: Any, client_address: Any) -> bool:
-        return address_allowed(self.allowed_networks, client_address)
-
-
-def address_allowed(networks: list[IPNetwork], client_address: Any) -> bool:
-    """Whether a connection's source may connect (``dicom.allowed_networks``); logs refusals."""
-    if not networks:
-        return True
-    address = ipaddress.ip_address(client_address[0])
-    if any(address in network for network in networks):
-        return True
-    ASSOCIATIONS.labels("rejected").inc()
-    log.warning("connection refused from %s:%s: not in dicom.allowed_networks",
-                client_address[0], client_address[1])
-    return False
-
-
-READY = b"r"
-"""Sent once by an acceptor process to the serve process when it takes connections."""
-ENDED = b"d"
-"""Sent by an acceptor process to the serve process whenever one of its associations ends."""
-OUTCOME_BYTES = {"accepted": b"a", "rejected": b"j"}
-"""Sent by an acceptor process for each association outcome (the metrics live in serve)."""
-
-
-class HandoffServer(_Server):
-    """An association server fed connected sockets by another process (``dicom.acceptors``).
-
-    It has no listening socket: its ``socket`` is a Unix channel on which the serve
-    process sends each accepted connection (SCM_RIGHTS) with the peer's address.
-    It answers on the same channel with one byte whenever an association ends, so
-    the serve process knows how busy each acceptor is.
-    """
-
-    def __init__(self, *args: Any, channel: socket.socket, **kwargs: Any) -> None:
-        self.channel = channel
-        self.parent_gone = threading.Event()
-        self._send_lock = threading.Lock()
-        super().__init__(*args, **kwargs)
-
-    def server_bind(self) -> None:
-        if self.socket is not None:
-            self.socket.close()  # the TCP socket socketserver made: not used
-        self.socket = self.channel
-
-    def server_activate(self) -> None:
-        pass
-
-    def get_request(self) -> tuple[Any, Any]:
-        message, fds, _flags, _address = socket.recv_fds(self.channel, 4096, 1)
-        if not fds:
-            if not message:  # the serve process is gone: stop
-                self.parent_gone.set()
-            raise OSError("no connection in the message")
-        client = socket.socket(fileno=fds[0])
-        host, port = json.loads(message)
-        return self.prepare_client(client), (str(host), int(port))
-
-    def verify_request(self, request: Any, client_address: Any) -> bool:
-        return True  # checked by the serve process before the handoff
-
-    def association_finished(self) -> None:
-        self.report(ENDED)
-
-    def report(self, what: bytes) -> None:
-        """Tell the serve process (one byte: ENDED, or an association outcome)."""
-        with self._send_lock, contextlib.suppress(OSError):
-            self.channel.send(what)
-
-    def server_close(self) -> None:
-        self.channel.close()
-
-
-def start_receiver(settings: Settings, factory: SessionFactory, journal: Path,
-                   channel: socket.socket | None = None
-                   ) -> tuple[Ingest, ThreadedAssociationServer]:
-    """The journal-first ingest and the SCP in front of it, as serve and each acceptor run them."""
-    ingest = Ingest(settings.storage.dir, journal, factory, utcnow)
-    ingest.start()
-    server = start_scp(settings.dicom, StoreContext(
-        settings.storage, factory, utcnow, ingest, int(settings.dicom.max_instance_mb * 2**20)),
-        channel=channel)
-    return ingest, server
-
-
-def start_scp(dicom: DicomSettings, ctx: StoreContext, channel: socket.socket | None = None
-              ) -> ThreadedAssociationServer:
-    """Start listening on ``dicom.host:dicom.port`` in background threads.
-
-    With ``channel``, take connections handed over by the serve process instead
-    (:class:`HandoffServer`, one of ``dicom.acceptors`` processes).
-    """
-    quiet_pynetdicom()
-    ctx.storage.dir.mkdir(parents=True, exist_ok=True)
-    ae = make_ae(dicom)
-    handlers: list[Any] = [
-        (evt.EVT_C_STORE, handle_store, [ctx]),
-        (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_REJECTED, handle_rejected),
-        (evt.EVT_REQUESTED, handle_requested, [{
-            ae: [ipaddress.ip_network(str(n)) for n in nets]
-            for ae, nets in dicom.ae_networks.items()}]),
-        (evt.EVT_ACCEPTED, handle_accepted),
-    ]
-    ssl_context = server_context(dicom.tls) if dicom.tls.enabled else None
-    extra: dict[str, Any] = {}
-    server_class: type[_Server] = _Server
-    if channel is not None:
-        server_class, extra["channel"] = HandoffServer, channel
-    if check_supported():
-        extra["request_handler"] = EventDrivenHandler
-    else:
-        log.warning("pynetdicom %s is not the version node.receive.reactor was written for: "
-                    "using its stock (polling) association loops", pynetdicom_version)
-    server = ae.make_server((dicom.host, dicom.port), evt_handlers=handlers,
-                            ssl_context=ssl_context, server_class=server_class, **extra)
-    assert isinstance(server, _Server)
-    server.allowed_networks = [ipaddress.ip_network(str(n)) for n in dicom.allowed_networks]
-    ae._servers.append(server)  # as AE.start_server does: its shutdown() removes it
-    threading.Thread(target=server.serve_forever, name="scp-acceptor", daemon=True).start()
-    log.info("SCP %s %s on %s:%d%s", dicom.ae_title,
-             "listening" if channel is None else "taking connections", dicom.host, dicom.port,
-             " (TLS)" if ssl_context else "")
-    return server

@@ -11,15 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine
 
 from db.engine import make_engine, make_session_factory
 from db.migrate import upgrade
 from node.admin.server import listening, start_admin
 from node.receive.acceptors import AcceptorPool, node_id, replay_all
-from node.receive.reactor import check_supported
-from node.receive.scp import start_receiver
+from node.receive.server import ReceiverServer, fast_path, start_receiver
 from node.runtime.clock import utcnow
 from node.runtime.scheduler import make_scheduler
 from node.settings import Settings
@@ -99,13 +97,17 @@ def serve(settings: Settings, config_path: Path | None, stop_timeout: float = 60
 
     replay_all(settings, factory)
     ingest: Ingest | None = None
-    server: ThreadedAssociationServer | None = None
+    server: ReceiverServer | None = None
     acceptors: AcceptorPool | None = None
-    if settings.dicom.acceptors > 1 and check_supported():
+    if settings.dicom.acceptors > 1 and fast_path(settings.dicom):
         acceptors = AcceptorPool(settings, config_path, settings.dicom.acceptors)
         acceptors.start()
         probe = acceptors.listening
     else:
+        if settings.dicom.acceptors > 1:
+            log.warning("dicom.acceptors = %d needs the fast path (dicom.fast_path and a "
+                        "supported pynetdicom): receiving in one process",
+                        settings.dicom.acceptors)
         ingest, server = start_receiver(
             settings, factory, journal_dir(settings.storage.dir, node_id(settings)))
         probe = listening(server)

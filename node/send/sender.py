@@ -25,8 +25,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from db.queue import ResultRecord, SessionFactory, claim_results, mark_send_failed, mark_sent
+from node.dimse import VERIFICATION
 from node.errors import SendError
-from node.receive.scp import VERIFICATION
 from node.runtime.faults import crash_point
 from node.send.breaker import CircuitBreaker
 from node.settings import Destination, SendSettings, Settings, TLSSettings

@@ -8,15 +8,12 @@ import shutil
 import uuid
 from pathlib import Path
 
-from node.errors import InvalidInstance, StorageError
+from node.errors import InvalidInstance, StorageError, StorageFull
+from node.store.journal import Buffer, Payload, parts_of
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 INSTANCES = "instances"
 RESULTS = "results"
-
-
-class StorageFull(StorageError):
-    """Free space is below the configured floor."""
 
 
 def check_uid(value: object, what: str) -> str:
@@ -51,31 +48,47 @@ def _make_dirs(root: Path, rel: Path) -> Path:
     return current
 
 
-def durable_write(root: Path, rel: Path, data: bytes | memoryview) -> int:
-    """Write ``data`` to ``root/rel`` atomically and durably; return the byte count.
+def write_file(root: Path, rel: Path, data: Payload, *,
+               sync: bool = True) -> int:
+    """Write ``data`` (one buffer or several pieces) to ``root/rel`` atomically; return its size.
 
-    When this returns the file is complete on disk under its final name; a
-    crash at any point leaves either no file or the whole file (and maybe a
-    ``.tmp`` file that :func:`remove_temp_files` cleans up).
+    The file appears under its final name only once complete (temp file and
+    rename). With ``sync`` it is also durable when this returns: the file and
+    each folder whose entries changed are flushed, so a crash leaves either no
+    file or the whole file (and maybe a ``.tmp`` file that
+    :func:`remove_temp_files` cleans up). Without ``sync`` the caller holds
+    another durable copy (the ingest journal) and syncs the file system later.
     """
-    folder = _make_dirs(root, rel.parent)
+    parts = parts_of(data)
+    total = sum(len(p) for p in parts)
+    folder = root / rel.parent
     tmp = folder / f".{rel.name}.{uuid.uuid4().hex}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        if sync:
+            _make_dirs(root, rel.parent)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
+            fd = os.open(tmp, flags, 0o640)
+        except FileNotFoundError:  # the series' first instance: make its folder
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, flags, 0o640)
+        try:
+            written = os.writev(fd, parts)
+            if written != total:  # rare (a signal, a full disk): finish piece by piece
+                rest = memoryview(b"".join(parts))[written:]
+                while rest:
+                    rest = rest[os.write(fd, rest):]
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, folder / rel.name)
-        _fsync_dir(folder)
+        if sync:
+            _fsync_dir(folder)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise StorageError(f"cannot write {rel}: {exc.strerror}") from exc
-    return len(data)
+    return total
 
 
 def ensure_free_space(root: Path, min_free_mb: int) -> None:
@@ -105,3 +118,7 @@ def remove_temp_files(root: Path) -> int:
                 tmp.unlink(missing_ok=True)
                 count += 1
     return count
+
+
+def durable_write(root: Path, rel: Path, data: Buffer) -> int:  # TODO(arch): callers to write_file
+    return write_file(root, rel, data)

@@ -15,7 +15,6 @@ import os
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -27,35 +26,15 @@ from db.queue import (
     instance_known,
     record_instances,
 )
+from node.errors import IngestStopped
 from node.runtime.faults import crash_point
-from node.store.files import durable_write
+from node.store.files import write_file
 from node.store.journal import Buffer, Payload, Segment, Ticket, parts_of, read_segment, segments
 
 log = logging.getLogger("ainode.ingest")
 JOURNAL = "journal"
 BATCH = 128
 BATCH_SECONDS = 0.2
-
-
-def _write_file(root: Path, rel: Path, parts: list[Buffer]) -> None:
-    """Write a file atomically (temp + rename), without a flush: the journal covers it."""
-    folder = root / rel.parent
-    tmp = folder / f".{rel.name}.{uuid.uuid4().hex}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-    try:
-        fd = os.open(tmp, flags, 0o640)
-    except FileNotFoundError:  # the series' first instance: make its folder
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, flags, 0o640)
-    try:
-        total, written = sum(len(p) for p in parts), os.writev(fd, parts)
-        if written != total:  # rare (a signal, a full disk): finish piece by piece
-            rest = memoryview(b"".join(parts))[written:]
-            while rest:
-                rest = rest[os.write(fd, rest):]
-    finally:
-        os.close(fd)
-    os.replace(tmp, root / rel)
 
 
 @dataclass
@@ -116,7 +95,7 @@ class Ingest:
         association's thread): duplicates are rare, every instance pays the query.
         """
         if self._failed is not None:
-            raise RuntimeError(f"ingest stopped after an error: {self._failed}")
+            raise IngestStopped(f"ingest stopped after an error: {self._failed}")
         with self._lock:
             if meta.sop_uid in self._pending:
                 return False
@@ -188,7 +167,7 @@ class Ingest:
         def write_files(new: list[bool]) -> None:
             for (meta, data, _), fresh in zip(batch, new, strict=True):
                 if fresh:
-                    _write_file(self.root, Path(meta.path), data)
+                    write_file(self.root, Path(meta.path), data, sync=False)
                 else:
                     log.info("duplicate instance sop=%s from %s: already stored", meta.sop_uid,
                              meta.calling_ae)
@@ -223,7 +202,7 @@ def replay(root: Path, journal: Path, factory: SessionFactory) -> int:
             received = datetime.fromisoformat(str(header.pop("received_at")))
             meta = InstanceMeta(**header)  # type: ignore[arg-type]
             # The file may be missing or incomplete (written without a flush): rewrite it.
-            durable_write(root, Path(meta.path), payload)
+            write_file(root, Path(meta.path), payload)
             if not instance_known(factory, meta.sop_uid):
                 record_instances(factory, [meta], received)
             count += 1

@@ -29,6 +29,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from node.errors import JournalWriteError
+
 MAGIC = b"AIJ1"
 HEAD = struct.Struct("<4sIQI")
 SEGMENT_BYTES = 512 * 1024 * 1024
@@ -50,10 +52,6 @@ class Ticket:
     segment: Path
     end: int
     sync_needed: int
-
-
-class JournalWriteError(OSError):
-    """A record could not be written whole; the segment takes no more records."""
 
 
 class Segment:

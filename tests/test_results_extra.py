@@ -27,6 +27,7 @@ from pydicom.uid import SecondaryCaptureImageStorage, SegmentationStorage
 from scipy import ndimage
 
 from models.base import Code, Finding, Heatmap, Measurement, Prediction, Segment, Volume
+from node.errors import ConfigError
 from node.infer.radiograph import radiograph_to_volume
 from node.infer.volume import build_volume
 from node.results.common import (
@@ -48,6 +49,16 @@ from node.results.sc import (
     key_slices,
     segment_colour,
 )
+from node.results.selection import (
+    DEFAULT_KINDS,
+    ResultObject,
+    build_results,
+    destination_kinds,
+    kinds_by_destination,
+    wanted_kinds,
+    with_requirements,
+)
+from node.settings import Settings, parse_settings
 from tests.test_results import (
     ANATOMY,
     ATTENUATION,
@@ -683,3 +694,76 @@ def test_cxr_sc_image(name: str, cxr_sc: dict[str, ScCase], radiographs: dict[st
     assert np.array_equal(corner[..., 1], corner[..., 2])
     if name.startswith("DX"):
         Image.fromarray(pixels).save(PNG_CXR)
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def destinations_settings(*objects: list[str]) -> Settings:
+    """Settings with destinations d0, d1, ... taking ``objects`` (as TOML names them)."""
+    return parse_settings("".join(
+        f'[[destinations]]\nname = "d{i}"\nae_title = "D{i}"\nhost = "127.0.0.1"\n'
+        f"port = 104\nobjects = {kinds!r}\n".replace("'", '"')
+        for i, kinds in enumerate(objects)))
+
+
+def test_destinations_take_their_objects_and_an_sr_brings_its_seg() -> None:
+    settings = destinations_settings(["SR"], ["SC", "HEATMAP"], ["SEG"])
+    assert settings.destinations[0].objects == [ResultKind.SR]
+    assert all(isinstance(kind, ResultKind)
+               for d in settings.destinations for kind in d.objects)
+    assert destination_kinds(settings, "d0") == {ResultKind.SR, ResultKind.SEG}
+    assert destination_kinds(settings, "d1") == {ResultKind.SC, ResultKind.HEATMAP}
+    assert destination_kinds(settings, "d2") == {ResultKind.SEG}
+    assert destination_kinds(settings, "gone") == DEFAULT_KINDS == {ResultKind.SEG, ResultKind.SR}
+    kinds = kinds_by_destination(settings, ["d1", "d2"])
+    assert list(kinds) == ["d1", "d2"]
+    assert wanted_kinds(kinds) == {ResultKind.SC, ResultKind.HEATMAP, ResultKind.SEG}
+    assert wanted_kinds({}) == DEFAULT_KINDS
+    assert with_requirements(["SR"]) == {ResultKind.SR, ResultKind.SEG}
+    default = parse_settings('[[destinations]]\nname = "p"\nae_title = "P"\n'
+                             'host = "127.0.0.1"\nport = 104\n')
+    assert destination_kinds(default, "p") == {ResultKind.SEG, ResultKind.SR, ResultKind.HEATMAP}
+
+
+@pytest.mark.parametrize("objects", [["SEG", "PDF"], []])
+def test_settings_refuse_unknown_or_no_objects(objects: list[str]) -> None:
+    with pytest.raises(ConfigError, match=r"destinations\.0\.objects"):
+        destinations_settings(objects)
+
+
+def kinds_of(objects: list[ResultObject]) -> list[ResultKind]:
+    return [obj.kind for obj in objects]
+
+
+def test_build_results_builds_only_the_wanted_objects(
+        radiographs: dict[str, Dataset],
+        cxr_heatmaps: dict[str, tuple[Volume, Prediction]]) -> None:
+    name = "DX_chest_PA_Canon_966_fixed.dcm"
+    source, (volume, prediction) = radiographs[name], cxr_heatmaps[name]
+    ctx = context("job-selection", name="cxr-pneumonia")
+    assert kinds_of(build_results([source], volume, prediction, ctx, [])) == []
+    # A finding without segments: the SR alone, no SEG to bring along.
+    assert kinds_of(build_results([source], volume, prediction, ctx, DEFAULT_KINDS)) == [
+        ResultKind.SR]
+    every = build_results([source], volume, prediction, ctx, set(ResultKind))
+    assert kinds_of(every) == [ResultKind.SR, ResultKind.HEATMAP, ResultKind.SC]
+    for obj in every:
+        assert obj.dataset.SOPInstanceUID == ctx.instance_uid(obj.kind, 1)
+    assert kinds_of(build_results([source], volume, prediction, ctx, [ResultKind.HEATMAP])) == [
+        ResultKind.HEATMAP]
+
+
+def test_build_results_of_segments_gives_the_seg_the_sr_references(
+        ct_slices: list[Dataset], ct_volume: Volume, ct_prediction: Prediction) -> None:
+    ctx = context("job-selection-ct")
+    built = build_results(ct_slices, ct_volume, ct_prediction, ctx, [ResultKind.SR])
+    assert kinds_of(built) == [ResultKind.SEG, ResultKind.SR]
+    seg, sr = (obj.dataset for obj in built)
+    evidence = {item.ReferencedSOPInstanceUID
+                for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence
+                for item in series.ReferencedSOPSequence}
+    assert seg.SOPInstanceUID in evidence
+    assert kinds_of(build_results(ct_slices, ct_volume, ct_prediction, ctx,
+                                  [ResultKind.SEG])) == [ResultKind.SEG]

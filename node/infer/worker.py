@@ -36,9 +36,14 @@ from db.queue import (
 from models.base import Model, ModelError, Prediction, UnsupportedInput, Volume
 from models.registry import ModelFactory, UnknownModel, create
 from node.infer.volume import build_volume
-from node.results import ResultContext, build_seg, build_sr
-from node.results.heatmap import build_heatmap_seg
-from node.results.sc import build_sc
+from node.results import (
+    ResultContext,
+    ResultKind,
+    ResultObject,
+    build_results,
+    kinds_by_destination,
+    wanted_kinds,
+)
 from node.runtime.faults import crash_point
 from node.settings import Settings
 from node.store.files import durable_write, result_path
@@ -78,17 +83,36 @@ class Worker:
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     device: str = "cpu"
     _models: dict[str, Model] = field(default_factory=dict)
+    _cpu_models: dict[str, Model] = field(default_factory=dict)
+    """CPU instances of models that ran out of CUDA memory, kept for the next such job."""
 
     def model(self, name: str) -> Model:
         """The loaded model, loading it on first use."""
         if name not in self._models:
-            model = create(name, self.registry)
-            started = time.monotonic()
-            model.load(self.device)
-            log.info("loaded model %s %s on %s in %.1f s", name, model.algorithm_version,
-                     self.device, time.monotonic() - started)
-            self._models[name] = model
+            self._models[name] = self._load(name, self.device)
         return self._models[name]
+
+    def cpu_model(self, name: str) -> Model:
+        """A CPU instance of model ``name`` for jobs that do not fit in GPU memory.
+
+        Its weights load on the first such job; later ones reuse it. A factory that
+        hands out one shared instance gives back the worker's own model (moved to
+        the CPU); :meth:`_predict_on_cpu` then moves it back.
+        """
+        if name not in self._cpu_models:
+            model = self._load(name, "cpu")
+            if model is self._models.get(name):
+                return model
+            self._cpu_models[name] = model
+        return self._cpu_models[name]
+
+    def _load(self, name: str, device: str) -> Model:
+        model = create(name, self.registry)
+        started = time.monotonic()
+        model.load(device)
+        log.info("loaded model %s %s on %s in %.1f s", name, model.algorithm_version,
+                 device, time.monotonic() - started)
+        return model
 
     def run(self, stop: threading.Event) -> None:
         """Claim and process jobs until ``stop`` is set; the job in hand is finished first."""
@@ -110,8 +134,9 @@ class Worker:
         beating = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(job, beating), daemon=True)
         beat.start()
+        kinds = kinds_by_destination(self.settings, job.destinations)
         try:
-            results, seconds = self._execute(job)
+            results, seconds = self._execute(job, wanted_kinds(kinds))
         except UnsupportedInput as exc:
             log.info("job %d skipped: %s", job.id, exc)
             skip_job(self.factory, job.id, self.owner, self.clock(), str(exc))
@@ -130,7 +155,7 @@ class Worker:
             beating.set()
             beat.join()
         if complete_job(self.factory, job.id, self.owner, self.clock(), results, seconds,
-                        self.kinds(job)):
+                        kinds):
             log.info("job %d done in %.2f s inference: %d object(s) for %s", job.id, seconds,
                      len(results), ",".join(job.destinations) or "no destination")
         else:
@@ -160,7 +185,11 @@ class Worker:
                 return
 
     def _predict(self, model: Model, volume: Volume, job_id: int) -> Prediction:
-        """Predict on the worker's device; on CUDA out of memory, this job runs on the CPU."""
+        """Predict on the worker's device; on CUDA out of memory, this job runs on the CPU.
+
+        The model stays loaded on the device for the next jobs; the job runs on a
+        CPU instance of the model (:meth:`cpu_model`), whose weights load once.
+        """
         import torch
 
         try:
@@ -171,13 +200,21 @@ class Worker:
             log.warning("job %d: CUDA out of memory on %s: running this job on the CPU",
                         job_id, self.device)
             torch.cuda.empty_cache()
-            model.load("cpu")
-            try:
-                return model.predict(volume)
-            finally:
-                model.load(self.device)
+            return self._predict_on_cpu(model, volume)
 
-    def _execute(self, job: JobRecord) -> tuple[list[ResultSpec], float]:
+    def _predict_on_cpu(self, model: Model, volume: Volume) -> Prediction:
+        name = next((key for key, loaded in self._models.items() if loaded is model),
+                    model.name)
+        cpu = self.cpu_model(name)
+        if cpu is not model:
+            return cpu.predict(volume)
+        try:  # one shared instance: it was moved to the CPU, and goes back afterwards
+            return model.predict(volume)
+        finally:
+            model.load(self.device)
+
+    def _execute(self, job: JobRecord, wanted: frozenset[ResultKind]
+                 ) -> tuple[list[ResultSpec], float]:
         model = self.model(job.model)
         root = self.settings.storage.dir
         loading = time.monotonic()
@@ -194,42 +231,18 @@ class Worker:
             algorithm_version=model.algorithm_version, software_version=node.__version__,
             uid_seed=job.uid_seed,
         )
-        wanted = set().union(*self.kinds(job).values()) if job.destinations else {"SEG", "SR"}
-        objects: list[tuple[str, Dataset]] = []
-        seg = build_seg(series.sources, prediction, ctx)
-        if seg is not None:
-            objects.append(("SEG", seg))
-        if prediction.segments or prediction.measurements or prediction.findings:
-            objects.append(("SR", build_sr(series.sources, prediction, ctx, seg)))
-        if "HEATMAP" in wanted and prediction.heatmaps:
-            heatmap = build_heatmap_seg(series.sources, prediction, ctx)
-            if heatmap is not None:
-                objects.append(("HEATMAP", heatmap))
-        if "SC" in wanted:
-            objects += [("SC", ds) for ds in build_sc(series.sources, series.volume,
-                                                       prediction, ctx)]
-        specs = []
-        for kind, ds in objects:
-            rel = result_path(job.id, kind, str(ds.SOPInstanceUID))
-            durable_write(root, rel, encode(ds))
-            specs.append(ResultSpec(kind=kind, sop_class_uid=str(ds.SOPClassUID),
-                                    sop_instance_uid=str(ds.SOPInstanceUID), path=str(rel)))
+        objects = build_results(series.sources, series.volume, prediction, ctx, wanted)
+        specs = [self._write(job.id, obj) for obj in objects]
         crash_point("worker.written")
         log.info("job %d timings: load %.3f s, inference %.3f s, encode %.3f s (%d images)",
                  job.id, started - loading, seconds, time.monotonic() - started - seconds,
                  len(datasets))
         return specs, seconds
 
-    def kinds(self, job: JobRecord) -> dict[str, set[str]]:
-        """The result kinds each destination of ``job`` takes (an SR brings its SEG along)."""
-        out: dict[str, set[str]] = {}
-        for name in job.destinations:
-            objects: set[str]
-            try:
-                objects = set(self.settings.destination(name).objects)
-            except KeyError:
-                objects = {"SEG", "SR"}
-            if "SR" in objects:
-                objects.add("SEG")  # the SR's measurement groups reference the SEG
-            out[name] = objects
-        return out
+    def _write(self, job_id: int, obj: ResultObject) -> ResultSpec:
+        """Write one result object durably under the storage folder; its outbox entry."""
+        ds = obj.dataset
+        rel = result_path(job_id, obj.kind, str(ds.SOPInstanceUID))
+        durable_write(self.settings.storage.dir, rel, encode(ds))
+        return ResultSpec(kind=obj.kind, sop_class_uid=str(ds.SOPClassUID),
+                          sop_instance_uid=str(ds.SOPInstanceUID), path=str(rel))

@@ -237,3 +237,19 @@ def test_store_response_is_what_pynetdicom_encodes(status: int, sop_instance: st
     (pdata,) = list(message.encode_msg(1, 16384))
     assert pdata.presentation_data_value_list == [
         (1, b"\x03" + store_response_command(rsp.AffectedSOPClassUID, sop_instance, 7, status))]
+
+
+def test_fast_path_off_runs_pynetdicoms_own_loops(tmp_path: Path, factory: Factory) -> None:
+    """``dicom.fast_path = false``: no event-driven association; instances still land."""
+    with serve(tmp_path, factory, fast_path=False) as (port, _storage):
+        source = pydicom.dcmread(sorted(CHEST_CT.glob("*.dcm"))[0])
+        ae = AE(ae_title="STOCK")
+        ae.add_requested_context(source.SOPClassUID, source.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title="AINODE")
+        assert assoc.is_established
+        try:
+            assert not any(isinstance(t, EventDrivenAssociation) for t in threading.enumerate())
+            assert assoc.send_c_store(source).Status == 0x0000
+        finally:
+            assoc.release()
+        assert count(factory) == 1

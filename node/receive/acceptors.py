@@ -21,7 +21,6 @@ import selectors
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from node.errors import StartupError
 from node.receive.handoff import ENDED, OUTCOME_BYTES, READY, HandoffServer, encode_address
 from node.receive.server import address_allowed, start_receiver
 from node.runtime.metrics import ASSOCIATIONS
+from node.runtime.supervisor import Supervisor, node_command
 from node.settings import Settings
 from node.store.ingest import journal_dir, replay
 
@@ -74,19 +74,25 @@ class AcceptorPool:
     config_path: Path | None
     count: int
     listener: socket.socket | None = None
-    acceptors: list[_Acceptor] = field(default_factory=list)
     stopping: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _selector: selectors.DefaultSelector = field(default_factory=selectors.DefaultSelector)
+    _processes: Supervisor[_Acceptor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._processes = Supervisor("acceptor", self.count, self._spawn, self._exited,
+                                     self._lock)
+
+    @property
+    def acceptors(self) -> list[_Acceptor]:
+        return self._processes.children
 
     # --- processes ----------------------------------------------------------------------
 
     def _spawn(self, index: int) -> _Acceptor:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        cmd = [sys.executable, "-m", "node.cli", "acceptor", "--index", str(index),
-               "--channel", str(theirs.fileno())]
-        if self.config_path is not None:
-            cmd += ["--config", str(self.config_path)]
+        cmd = node_command("acceptor", self.config_path, "--index", str(index),
+                           "--channel", str(theirs.fileno()))
         proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()])
         theirs.close()
         ours.settimeout(HANDOFF_TIMEOUT)
@@ -98,7 +104,7 @@ class AcceptorPool:
     def start(self, ready_timeout: float = 120.0) -> None:
         """Start the acceptor processes; once each is ready, listen and dispatch."""
         dicom = self.settings.dicom
-        self.acceptors = [self._spawn(i) for i in range(self.count)]
+        self._processes.start()
         for acceptor in self.acceptors:
             acceptor.channel.settimeout(ready_timeout)
             try:
@@ -122,18 +128,12 @@ class AcceptorPool:
 
     def supervise(self) -> None:
         """Start again an acceptor process that exited (it replays its own journal first)."""
-        if self.stopping:
-            return
-        for i, acceptor in enumerate(self.acceptors):
-            code = acceptor.proc.poll()
-            if code is None:
-                continue
-            log.error("acceptor %d (pid %d) exited with %d: restarting it", acceptor.index,
-                      acceptor.proc.pid, code)
-            with self._lock:
-                acceptor.alive = False
-                self._forget(acceptor)
-                self.acceptors[i] = self._spawn(acceptor.index)
+        if not self.stopping:
+            self._processes.supervise()
+
+    def _exited(self, acceptor: _Acceptor) -> None:
+        acceptor.alive = False
+        self._forget(acceptor)
 
     def _forget(self, acceptor: _Acceptor) -> None:
         with contextlib.suppress(KeyError, ValueError):
@@ -149,17 +149,8 @@ class AcceptorPool:
         self.stopping = True
         if self.listener is not None:
             self.listener.close()
+        self._processes.stop(timeout)
         for acceptor in self.acceptors:
-            if acceptor.proc.poll() is None:
-                acceptor.proc.terminate()
-        for acceptor in self.acceptors:
-            try:
-                acceptor.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.error("acceptor %d did not stop in %.0f s: killing it", acceptor.index,
-                          timeout)
-                acceptor.proc.kill()
-                acceptor.proc.wait()
             acceptor.channel.close()
 
     # --- threads ------------------------------------------------------------------------

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
-import subprocess
-import sys
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -20,56 +17,12 @@ from node.receive.acceptors import AcceptorPool, node_id, replay_all
 from node.receive.server import ReceiverServer, fast_path, start_receiver
 from node.runtime.clock import utcnow
 from node.runtime.scheduler import make_scheduler
+from node.runtime.supervisor import worker_supervisor
 from node.settings import Settings
 from node.store.files import remove_temp_files
 from node.store.ingest import Ingest, journal_dir
 
 log = logging.getLogger("ainode.serve")
-
-
-@dataclass
-class WorkerPool:
-    """``count`` worker processes (``ainode worker``), restarted when one dies."""
-
-    count: int
-    config_path: Path | None
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    stopping: bool = False
-
-    def _spawn(self) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "node.cli", "worker"]
-        if self.config_path is not None:
-            cmd += ["--config", str(self.config_path)]
-        proc = subprocess.Popen(cmd)
-        log.info("started worker process pid %d", proc.pid)
-        return proc
-
-    def start(self) -> None:
-        self.procs = [self._spawn() for _ in range(self.count)]
-
-    def supervise(self) -> None:
-        """Restart workers that exited while the node is running."""
-        if self.stopping:
-            return
-        for i, proc in enumerate(self.procs):
-            code = proc.poll()
-            if code is not None:
-                log.error("worker pid %d exited with %d: restarting it", proc.pid, code)
-                self.procs[i] = self._spawn()
-
-    def stop(self, timeout: float) -> None:
-        """SIGTERM every worker (each finishes its job in hand), then kill what is left."""
-        self.stopping = True
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.error("worker pid %d did not stop in %.0f s: killing it", proc.pid, timeout)
-                proc.kill()
-                proc.wait()
 
 
 def prepare(settings: Settings) -> Engine:
@@ -113,7 +66,7 @@ def serve(settings: Settings, config_path: Path | None, stop_timeout: float = 60
         probe = listening(server)
     admin = start_admin(settings, factory, scp_listening=probe)
     scheduler = make_scheduler(settings, factory, utcnow)
-    pool = WorkerPool(settings.workers.count, config_path)
+    pool = worker_supervisor(settings.workers.count, config_path)
     scheduler.add_job(pool.supervise, "interval", seconds=2, id="supervise-workers")
     if acceptors is not None:
         scheduler.add_job(acceptors.supervise, "interval", seconds=1, id="supervise-acceptors")

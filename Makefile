@@ -8,7 +8,7 @@ SYSTEM_DEPS := /usr/sbin/Orthanc:orthanc /usr/bin/storescu:dcmtk /usr/bin/dciodv
   /usr/lib/postgresql/15/bin/postgres:postgresql-15 \
   /usr/bin/chromium:chromium /usr/bin/systemd-analyze:systemd
 
-.PHONY: run test lint typecheck pytest system-deps venv clean bench
+.PHONY: run test lint typecheck pytest system-deps venv clean bench train
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ bench: $(STAMP) system-deps
 	$(BIN)/python -m node.bench.inference
 	$(BIN)/python -m node.bench.turnaround
 	$(BIN)/python -m node.bench.load
+
+# Retrains the built-in cxr-pneumonia weights from ../shared/datasets (see its model card).
+train: $(STAMP)
+	$(BIN)/python -m models.training.train_cxr_pneumonia \
+	  --data ../shared/datasets/pneumoniamnist.npz --out models/weights/cxr_pneumonia.safetensors
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

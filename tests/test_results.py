@@ -23,9 +23,9 @@ from pydicom.sr.codedict import codes
 
 from models.base import Code, Finding, Measurement, Prediction, Segment
 from node.results import ResultContext, build_seg, build_sr
-from node.results.common import result_uids, series_description, source_headers
+from node.results.common import coded, result_uids, series_description, source_headers
 from node.results.seg import segment_pixels
-from node.results.sr import MAX_LISTED_IMAGES
+from node.results.sr import MAX_LISTED_IMAGES, procedure_code
 from tests.peers import SAMPLES as PEER_SAMPLES
 
 SAMPLES = PEER_SAMPLES
@@ -807,3 +807,30 @@ def test_300_slice_sr_references_the_series(ct300: Case) -> None:
     assert not [i for i in root if i.ConceptNameCodeSequence[0].CodeValue == "111028"]
     evidence = {uids[2] for uids in sr.get_evidence()}
     assert evidence == {ds.SOPInstanceUID for ds in sources} | {ct300.seg.SOPInstanceUID}
+
+
+@pytest.mark.parametrize(("modality", "body_part", "expected"), [
+    ("CT", "CHEST", ("169069000", "SCT", "Computed tomography of chest")),
+    ("CT", "", ("25045-6", "LN", "CT unspecified body region")),
+    ("DX", "LUNG", ("399208008", "SCT", "Plain X-ray of chest")),
+    ("CR", "", ("43468-8", "LN", "XR unspecified body region")),
+    ("MR", "", ("25056-3", "LN", "MRI unspecified body region")),
+    ("PT", "", ("44136-0", "LN", "PET unspecified body region")),
+    ("NM", "", ("49118-3", "LN", "NM unspecified body region")),
+    ("US", "", ("363679005", "SCT", "Imaging procedure")),
+])
+def test_procedure_reported_codes(modality: str, body_part: str,
+                                  expected: tuple[str, str, str]) -> None:
+    source = Dataset()
+    source.Modality = modality
+    source.BodyPartExamined = body_part
+    ctx = ResultContext(model_name="m", model_version="1", software_version="1", uid_seed="s")
+    concept = procedure_code(source, ctx)
+    assert (concept.value, concept.scheme_designator, concept.meaning) == expected
+
+
+def test_coded_takes_model_and_codedict_codes() -> None:
+    assert coded(codes.DCM.Comment) == coded(Code("121106", "DCM", "Comment"))
+    with pytest.raises(TypeError):
+        coded(("121106", "DCM", "Comment"))  # type: ignore[arg-type]
+

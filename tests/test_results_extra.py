@@ -452,8 +452,9 @@ def test_heatmap_seg_of_radiograph(
     assert int(back.SeriesNumber) == ctx.series_number(ResultKind.HEATMAP)
     (item,) = back.SegmentSequence
     category = item.SegmentedPropertyCategoryCodeSequence[0]
-    assert (category.CodeValue, category.CodingSchemeDesignator) == (
-        HEATMAP_CATEGORY.value, HEATMAP_CATEGORY.scheme)
+    assert (category.CodeValue, category.CodingSchemeDesignator, category.CodeMeaning) == (
+        "49755003", "SCT", "Morphologically Abnormal Structure")
+    assert (HEATMAP_CATEGORY.value, HEATMAP_CATEGORY.scheme_designator) == ("49755003", "SCT")
     kind = item.SegmentedPropertyTypeCodeSequence[0]
     assert (kind.CodeValue, kind.CodingSchemeDesignator, kind.CodeMeaning) == (
         PNEUMONIA.value, PNEUMONIA.scheme, PNEUMONIA.meaning)

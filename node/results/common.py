@@ -23,6 +23,7 @@ from pydicom.datadict import dictionary_is_retired, keyword_for_tag, tag_for_key
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
+from pydicom.sr.coding import Code as DicomCode
 from pydicom.uid import PYDICOM_ROOT_UID, UID, generate_uid
 from pydicom.valuerep import VR, validate_value
 
@@ -442,10 +443,16 @@ def patient_study_elements(header: Dataset) -> Dataset:
     return out
 
 
-def coded(code: Code) -> CodedConcept:
-    """Convert a model :class:`~models.base.Code` to a highdicom ``CodedConcept``."""
+def coded(code: Code | DicomCode) -> CodedConcept:
+    """A highdicom ``CodedConcept`` of a model :class:`~models.base.Code` or of a pydicom code.
+
+    The package's own concepts come from ``pydicom.sr.codedict.codes`` (e.g.
+    ``codes.DCM.Comment``) wherever it names them, and are typed in where it does not.
+    """
+    if isinstance(code, DicomCode):
+        return CodedConcept.from_code(code)
     if not isinstance(code, Code):
-        raise TypeError(f"expected models.base.Code, got {type(code).__name__}")
+        raise TypeError(f"expected models.base.Code or a pydicom Code, got {type(code).__name__}")
     if not code.value or not code.scheme or not code.meaning:
         raise ValueError(f"code needs a value, a scheme and a meaning: {code!r}")
     return CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)

@@ -33,8 +33,9 @@ import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 
-from models.base import Code, Heatmap, Prediction
+from models.base import Heatmap, Prediction
 from node.results.common import (
     ResultContext,
     ResultKind,
@@ -51,7 +52,7 @@ from node.results.seg import (
 )
 
 #: Segmented Property Category of every heatmap segment (CID 7150).
-HEATMAP_CATEGORY = Code("49755003", "SCT", "Morphologically Abnormal Structure")
+HEATMAP_CATEGORY = codes.SCT.MorphologicallyAbnormalStructure
 
 #: Content Label (CS, at most 16 characters) of the heatmap SEG.
 CONTENT_LABEL = "HEATMAP"

@@ -81,36 +81,44 @@ from node.results.common import (
 )
 from node.results.seg import segment_numbers, tracking_id, tracking_uid
 
-#: Codes are frozen ``models.base.Code`` values, converted to (mutable) highdicom
-#: ``CodedConcept`` datasets at each use.
+#: Concepts come from ``pydicom.sr.codedict.codes`` where it names them; the others
+#: are typed in as frozen ``models.base.Code`` values (each says why). Both become
+#: (mutable) highdicom ``CodedConcept`` datasets at each use (:func:`coded`).
 
 #: Segment categories whose type is an anatomic location, usable as a finding site.
-ANATOMIC_CATEGORIES = (
-    ("91723000", "SCT"),  # Anatomical Structure
-    ("123037004", "SCT"),  # Body structure
+ANATOMIC_CATEGORIES = tuple(
+    (code.value, code.scheme_designator)
+    for code in (codes.SCT.AnatomicalStructure, codes.SCT.BodyStructure)
 )
 
-#: Value of a finding's qualitative evaluation (SCT, as in CID 240 / CID 241).
-PRESENT = Code("52101004", "SCT", "Present")
+#: Value of a finding's qualitative evaluation: SCT "Present" (qualifier value) ...
+PRESENT = codes.SCT.Present
+#: ... and its counterpart SCT 2667000 "Absent" (qualifier value). Typed in: codedict's
+#: ``codes.SCT.Absent`` is another concept (272519000, "Absence findings").
 ABSENT = Code("2667000", "SCT", "Absent")
 
 #: Name of a finding's probability: CID 6048 "Certainty of Finding".
-PROBABILITY = Code("111012", "DCM", "Certainty of Finding")
+PROBABILITY = codes.DCM.CertaintyOfFinding
 
 #: Name of the decision threshold applied to the probability.
-THRESHOLD = Code("122411", "DCM", "Threshold Value")
+THRESHOLD = codes.DCM.ThresholdValue
 
 #: Unit of probability and threshold: fractions in [0, 1].
-NO_UNITS = Code("1", "UCUM", "no units")
+NO_UNITS = codes.UCUM.NoUnits
 
-#: Document-level container of TID 1500 for qualitative evaluations and text.
+#: Document-level container of TID 1500 for qualitative evaluations and text. Typed in:
+#: codedict has no name for this UMLS concept.
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 
 #: Concept name of the disclaimer text.
-COMMENT = Code("121106", "DCM", "Comment")
+COMMENT = codes.DCM.Comment
 
-#: Language of the content tree.
+#: Language of the content tree. Typed in: codedict has no RFC 5646 (language) codes.
 ENGLISH = Code("en-US", "RFC5646", "English (United States)")
+
+#: Procedures Reported that codedict has no name for (typed in).
+CT_OF_CHEST = Code("169069000", "SCT", "Computed tomography of chest")
+XRAY_OF_CHEST = Code("399208008", "SCT", "Plain X-ray of chest")
 
 _LO_MAX = 64
 
@@ -137,21 +145,21 @@ def procedure_code(source: Dataset, ctx: ResultContext) -> CodedConcept:
     chest = str(source.get("BodyPartExamined", "")).upper() in ("CHEST", "THORAX", "LUNG")
     match modality:
         case "CT" if chest:
-            return CodedConcept("169069000", "SCT", "Computed tomography of chest")
+            return coded(CT_OF_CHEST)
         case "CT":
-            return CodedConcept("25045-6", "LN", "CT unspecified body region")
+            return coded(codes.LN.CTUnspecifiedBodyRegion)
         case "CR" | "DX" | "RG" if chest:
-            return CodedConcept("399208008", "SCT", "Plain X-ray of chest")
+            return coded(XRAY_OF_CHEST)
         case "CR" | "DX" | "RG":
-            return CodedConcept("43468-8", "LN", "XR unspecified body region")
+            return coded(codes.LN.XRUnspecifiedBodyRegion)
         case "MR":
-            return CodedConcept("25056-3", "LN", "MRI unspecified body region")
+            return coded(codes.LN.MRIUnspecifiedBodyRegion)
         case "PT":
-            return CodedConcept("44136-0", "LN", "PET unspecified body region")
+            return coded(codes.LN.PETUnspecifiedBodyRegion)
         case "NM":
-            return CodedConcept("49118-3", "LN", "NM unspecified body region")
+            return coded(codes.LN.NMUnspecifiedBodyRegion)
         case _:
-            return CodedConcept("363679005", "SCT", "Imaging procedure")
+            return coded(codes.SCT.ImagingProcedure)
 
 
 def disclaimer(ctx: ResultContext) -> str:

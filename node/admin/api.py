@@ -160,7 +160,7 @@ def resend(ctx: Ctx, who: Actor, job_id: int, body: ResendBody) -> ActionResult:
 
 @router.get("/results/{result_id}/file", response_class=FileResponse)
 def result_file(ctx: Ctx, result_id: int) -> FileResponse:
-    """Download a produced SR or SEG object."""
+    """Download a produced result object (SEG, SR, heatmap SEG or SC image; see its kind)."""
     row = admin.get_result(ctx.factory, result_id)
     root = ctx.settings.storage.dir.resolve()
     path = (root / row.path).resolve()

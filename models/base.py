@@ -7,8 +7,10 @@ This package knows nothing of DICOM networking, the database or highdicom:
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -115,12 +117,27 @@ class Prediction:
     heatmaps: list[Heatmap] = field(default_factory=list)
 
 
+WEIGHTS_HASH_DIGITS = 16
+"""Hex digits of the weights' SHA-256 written into the algorithm version (``2.1+sha256:...``)."""
+
+
 class ModelError(Exception):
-    """Raised by a model for an input it cannot process or a failure while predicting."""
+    """Root of the errors of ``models/``: an input a model cannot process or a failure while
+    loading or predicting."""
 
 
 class UnsupportedInput(ModelError):
     """The input does not match what the model accepts; the job is skipped with this reason."""
+
+
+class WeightsError(ModelError):
+    """A model's weights (file or bundle) are missing, unreadable or do not fit the model."""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks (raises :class:`OSError` when it cannot be read)."""
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 class Model(ABC):
@@ -140,9 +157,24 @@ class Model(ABC):
         """Run the model on one volume."""
 
     @property
+    def weights_sha256(self) -> str | None:
+        """Hex SHA-256 of the weights file; None for a model without weights.
+
+        A model with weights raises :class:`WeightsError` when its file is missing.
+        """
+        return None
+
+    @property
     def algorithm_version(self) -> str:
-        """Version string written into every output (may include a weights hash)."""
-        return self.version
+        """Version string written into every output.
+
+        ``version``, and for a model with weights ``+sha256:`` and the first
+        :data:`WEIGHTS_HASH_DIGITS` hex digits of :attr:`weights_sha256`.
+        """
+        digest = self.weights_sha256
+        if digest is None:
+            return self.version
+        return f"{self.version}+sha256:{digest[:WEIGHTS_HASH_DIGITS]}"
 
     def check_input(self, volume: Volume) -> None:
         """Raise :class:`UnsupportedInput` when ``volume`` is outside the input spec."""

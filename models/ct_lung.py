@@ -40,10 +40,12 @@ slower; OMP_WAIT_POLICY=PASSIVE (or one thread) avoids that.
 Orientation assumption: standard axial CT, ImageOrientationPatient 1\\0\\0\\0\\1\\0.
 Columns then increase toward the patient's LEFT (the patient's left lung is on the
 image's right), and the slice normal points to the patient's head, so the last slice of
-the volume (largest position along the normal) is the most superior one. Other
-orientations (prone, feet-first with a flipped orientation, reformats) are not detected:
-:class:`~models.base.Volume` carries no orientation, so the caller must only send axial
-series in this orientation.
+the volume (largest position along the normal) is the most superior one. The caller orders the
+slices along the normal, so the direction of acquisition (head or feet first) does not
+matter. Other orientations (prone, a flipped row or column direction, coronal or sagittal
+reformats, oblique slices) are refused: :class:`~models.base.Volume` carries the series'
+ImageOrientationPatient, and :meth:`CtLungModel.check_input` raises
+:class:`~models.base.UnsupportedInput` unless it is within 0.05 of 1\\0\\0\\0\\1\\0.
 """
 
 from __future__ import annotations

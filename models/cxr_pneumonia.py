@@ -15,7 +15,6 @@ The module holds:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -39,7 +38,9 @@ from models.base import (
     Prediction,
     UnsupportedInput,
     Volume,
+    WeightsError,
 )
+from models.base import sha256_file as sha256_file  # re-exported: the training script uses it
 
 ARCHITECTURE = "cxrnet-v1"
 """Architecture identifier written into (and checked from) the weights metadata."""
@@ -64,15 +65,6 @@ SOP_SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 def default_weights_path() -> Path:
     """Path of the weights shipped inside the package (``models/weights/``)."""
     return Path(__file__).resolve().parent / "weights" / WEIGHTS_FILENAME
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- network
@@ -158,9 +150,9 @@ class WeightsMeta:
                 model_version=meta["model_version"],
             )
         except (KeyError, ValueError) as exc:
-            raise ModelError(f"weights metadata incomplete or invalid: {exc}") from exc
+            raise WeightsError(f"weights metadata incomplete or invalid: {exc}") from exc
         if not (0.0 <= out.threshold <= 1.0) or not (out.std > 0.0):
-            raise ModelError(f"weights metadata out of range: {meta}")
+            raise WeightsError(f"weights metadata out of range: {meta}")
         return out
 
 
@@ -197,14 +189,14 @@ def canonicalise_safetensors(path: Path) -> None:
 def read_weights(path: Path, device: str = "cpu") -> tuple[CxrNet, WeightsMeta]:
     """Load a safetensors weights file into a fresh :class:`CxrNet` in eval mode."""
     if not path.is_file():
-        raise ModelError(f"weights file not found: {path}")
+        raise WeightsError(f"weights file not found: {path}")
     tensors: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt", device="cpu") as fh:
         meta = WeightsMeta.from_strings(dict(fh.metadata() or {}))
         for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
             tensors[key] = fh.get_tensor(key)
     if meta.architecture != ARCHITECTURE or meta.input_size != INPUT_SIZE:
-        raise ModelError(
+        raise WeightsError(
             f"weights are for {meta.architecture!r} at {meta.input_size}px; "
             f"this code runs {ARCHITECTURE!r} at {INPUT_SIZE}px"
         )
@@ -212,7 +204,7 @@ def read_weights(path: Path, device: str = "cpu") -> tuple[CxrNet, WeightsMeta]:
     try:
         net.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
-        raise ModelError(f"weights do not fit {ARCHITECTURE}: {exc}") from exc
+        raise WeightsError(f"weights do not fit {ARCHITECTURE}: {exc}") from exc
     net.eval()
     net.requires_grad_(False)
     return net.to(torch.device(device)), meta
@@ -297,17 +289,12 @@ class CxrPneumoniaModel(Model):
 
     @property
     def weights_sha256(self) -> str:
-        """Hex SHA-256 of the weights file (computed once)."""
+        """Hex SHA-256 of the weights file (computed once, again by :meth:`load`)."""
         if self._sha256 is None:
             if not self._weights_path.is_file():
-                raise ModelError(f"weights file not found: {self._weights_path}")
+                raise WeightsError(f"weights file not found: {self._weights_path}")
             self._sha256 = sha256_file(self._weights_path)
         return self._sha256
-
-    @property
-    def algorithm_version(self) -> str:
-        """``version`` plus the first 12 hex digits of the weights' SHA-256."""
-        return f"{self.version}+sha256:{self.weights_sha256[:12]}"
 
     @property
     def threshold(self) -> float:

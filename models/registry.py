@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
-from models.base import Model
+from models.base import Model, ModelError
 
 ENTRY_POINT_GROUP = "ainode.models"
 ModelFactory = Callable[[], Model]
@@ -39,8 +39,12 @@ def discover() -> dict[str, ModelFactory]:
     return found
 
 
-class UnknownModel(KeyError):
+class UnknownModel(ModelError):
     """No model of that name is installed."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(repr(name))  # the quoted name, as the worker's reason has always shown it
+        self.name = name
 
 
 def create(name: str, registry: dict[str, ModelFactory] | None = None) -> Model:

@@ -8,7 +8,6 @@ part of the algorithm version written into every result.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ from models.base import (
     Prediction,
     Segment,
     Volume,
+    WeightsError,
+    sha256_file,
 )
 
 log = logging.getLogger("ainode.models.torchscript")
@@ -88,14 +89,6 @@ class TorchScriptSpec:
             raise ValueError(f"model {self.name}: batch_size must be at least 1")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def spec_from_monai_bundle(folder: Path, **overrides: object) -> TorchScriptSpec:
     """A spec from a MONAI bundle folder (``configs/metadata.json``, ``models/model.ts``).
 
@@ -105,7 +98,7 @@ def spec_from_monai_bundle(folder: Path, **overrides: object) -> TorchScriptSpec
     meta_path = folder / "configs" / "metadata.json"
     weights = folder / "models" / "model.ts"
     if not meta_path.is_file() or not weights.is_file():
-        raise ModelError(f"{folder}: not a MONAI bundle (needs configs/metadata.json and "
+        raise WeightsError(f"{folder}: not a MONAI bundle (needs configs/metadata.json and "
                          "models/model.ts)")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     image = meta.get("network_data_format", {}).get("inputs", {}).get("image", {})
@@ -133,7 +126,7 @@ class TorchScriptModel(Model):
 
     def __post_init__(self) -> None:
         if not self.spec.path.is_file():
-            raise ModelError(f"model {self.spec.name}: weights file {self.spec.path} not found")
+            raise WeightsError(f"model {self.spec.name}: weights file {self.spec.path} not found")
         self.name = self.spec.name
         self.version = self.spec.version
         self.intended_use = self.spec.intended_use
@@ -143,12 +136,9 @@ class TorchScriptModel(Model):
         self._sha256 = sha256_file(self.spec.path)
 
     @property
-    def sha256(self) -> str:
+    def weights_sha256(self) -> str:
+        """Hex SHA-256 of the TorchScript file, computed when the model is made."""
         return self._sha256
-
-    @property
-    def algorithm_version(self) -> str:
-        return f"{self.version}+sha256:{self._sha256[:16]}"
 
     def load(self, device: str) -> None:
         self._device = torch.device(device)
@@ -156,7 +146,7 @@ class TorchScriptModel(Model):
             net = torch.jit.load(  # type: ignore[no-untyped-call]
                 str(self.spec.path), map_location=self._device)
         except RuntimeError as exc:
-            raise ModelError(f"model {self.name}: cannot load TorchScript {self.spec.path}: "
+            raise WeightsError(f"model {self.name}: cannot load TorchScript {self.spec.path}: "
                              f"{exc}") from exc
         net.eval()
         self._net = net

@@ -393,4 +393,5 @@ def test_catalog_describes_the_builtin_models() -> None:
     assert set(found) == {"ct-lung", "cxr-pneumonia"}
     assert found["ct-lung"].modalities == ["CT"]
     cxr = found["cxr-pneumonia"]
-    assert cxr.weights_sha256 is None or re.fullmatch(r"[0-9a-f]{64}", cxr.weights_sha256)
+    assert cxr.weights_sha256 is not None
+    assert re.fullmatch(r"[0-9a-f]{64}", cxr.weights_sha256)

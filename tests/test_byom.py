@@ -24,8 +24,18 @@ from db.queue import (
     due_results,
 )
 from db.schema import Job, JobStatus
-from models.base import Model, Prediction, UnsupportedInput, Volume
-from models.torchscript import TorchScriptModel, sha256_file
+from models.base import (
+    WEIGHTS_HASH_DIGITS,
+    Model,
+    ModelError,
+    Prediction,
+    UnsupportedInput,
+    Volume,
+    sha256_file,
+)
+from models.registry import UnknownModel, create
+from models.torchscript import TorchScriptModel
+from node.admin.catalog import catalog
 from node.infer.plugins import available_models
 from node.infer.radiograph import radiograph_to_volume
 from node.infer.volume import build_volume
@@ -115,7 +125,18 @@ def test_torchscript_classifier_from_config(tmp_path: Path) -> None:
     assert finding.name.value == "233604007"
     assert finding.probability == pytest.approx(expected, abs=0.02)
     assert finding.present == (finding.probability >= 0.5)
+    assert model.weights_sha256 == sha256_file(weights)
     assert model.algorithm_version == f"2.1+sha256:{sha256_file(weights)[:16]}"
+
+
+def test_catalog_shows_the_weights_hash_of_a_configured_model(tmp_path: Path) -> None:
+    weights = script(MeanClassifier(), tmp_path / "cxr.ts")
+    settings = settings_with(CLASSIFIER.format(path=weights), tmp_path)
+    found = {m.name: m for m in catalog(lambda: available_models(settings))()}
+    digest = sha256_file(weights)
+    assert found["site-cxr"].weights_sha256 == digest
+    assert found["site-cxr"].algorithm_version == f"2.1+sha256:{digest[:WEIGHTS_HASH_DIGITS]}"
+    assert found["ct-lung"].weights_sha256 is None  # a model without weights
 
 
 def test_weights_hash_changes_with_the_file(tmp_path: Path) -> None:
@@ -241,6 +262,12 @@ def test_cuda_out_of_memory_falls_back_to_cpu(tmp_path: Path, caplog: pytest.Log
     assert model.loads == ["cuda", "cpu", "cuda"]
     assert any("out of memory" in r.getMessage() and "CPU" in r.getMessage()
                for r in caplog.records)
+
+
+def test_unknown_model_is_a_model_error() -> None:
+    with pytest.raises(ModelError, match=r"^'nope'$") as raised:
+        create("nope", {})
+    assert isinstance(raised.value, UnknownModel) and raised.value.name == "nope"
 
 
 def test_third_party_model_is_discovered_by_entry_point(tmp_path: Path) -> None:

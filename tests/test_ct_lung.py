@@ -184,6 +184,7 @@ def chest_prediction(model: CtLungModel, chest_ct: Volume) -> Prediction:
 def test_model_attributes() -> None:
     model = CtLungModel()
     assert (model.name, model.version, model.algorithm_version) == ("ct-lung", "1.0.0", "1.0.0")
+    assert model.weights_sha256 is None  # no weights: no hash in the algorithm version
     assert model.input_spec.modalities == ("CT",)
     assert model.input_spec.min_slices == 10
     assert model.intended_use and model.input_spec.description
@@ -467,6 +468,19 @@ def test_check_input_rejects_few_slices_and_other_modalities() -> None:
     mr = Volume(array=np.zeros((20, 16, 16), np.float32), spacing=(5, 1, 1), modality="MR")
     with pytest.raises(UnsupportedInput, match="modality"):
         model.check_input(mr)
+
+
+@pytest.mark.parametrize("orientation", [
+    (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0),  # prone
+    (1.0, 0.0, 0.0, 0.0, 0.0, -1.0),  # coronal reformat
+    (0.0, 1.0, 0.0, 0.0, 0.0, -1.0),  # sagittal reformat
+    (1.0, 0.0, 0.0, 0.0, 0.94, -0.34),  # oblique (20 degrees)
+])
+def test_check_input_rejects_other_orientations(orientation: tuple[float, ...]) -> None:
+    volume = Volume(array=np.zeros((20, 16, 16), np.float32), spacing=(5, 1, 1), modality="CT",
+                    orientation=orientation)
+    with pytest.raises(UnsupportedInput, match="axial"):
+        CtLungModel().check_input(volume)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -14,10 +14,23 @@ import numpy.typing as npt
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels.processing import (
+    apply_modality_lut,
+    apply_presentation_lut,
+    apply_voi,
+    apply_voi_lut,
+)
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from models.base import ModelError, UnsupportedInput, Volume
+from models.base import (
+    WEIGHTS_HASH_DIGITS,
+    ModelError,
+    UnsupportedInput,
+    Volume,
+    WeightsError,
+    sha256_file,
+)
 from models.cxr_pneumonia import (
     METRICS_FILENAME,
     PNEUMONIA,
@@ -25,7 +38,6 @@ from models.cxr_pneumonia import (
     default_weights_path,
     read_weights,
     save_weights,
-    sha256_file,
 )
 from models.training.train_cxr_pneumonia import roc_auc, youden_threshold
 from node.infer.radiograph import radiograph_to_volume, window
@@ -114,7 +126,11 @@ def test_shipped_weights_reproduce_recorded_probabilities(
 
 def test_weights_file_matches_metrics(model: CxrPneumoniaModel, recorded: dict[str, Any]) -> None:
     assert recorded["weights_sha256"] == sha256_file(default_weights_path())
-    assert recorded["algorithm_version"] == model.algorithm_version
+    version = f"1.0.0+sha256:{recorded['weights_sha256'][:WEIGHTS_HASH_DIGITS]}"
+    assert model.algorithm_version == version
+    # The metrics were recorded when the version carried 12 hex digits of the same hash.
+    recorded_12 = f"1.0.0+sha256:{recorded['weights_sha256'][:12]}"
+    assert recorded["algorithm_version"] in (version, recorded_12)
     assert recorded["test"]["auc"] >= 0.97
     assert default_weights_path().stat().st_size < 2_000_000
     assert model.threshold == pytest.approx(recorded["threshold"])
@@ -252,6 +268,130 @@ def test_voi_lut_sequence() -> None:
     np.testing.assert_allclose(out, [[0, 0, 0, 1 / 3], [2 / 3, 1, 1, 1]], atol=1e-6)
 
 
+# --------------------------------------------------------------------------- vendor fixes
+# Each test shows what pydicom's LUT functions alone make of an input that real files carry,
+# and that radiograph_to_volume corrects it.
+
+
+def ramp12() -> npt.NDArray[np.uint16]:
+    return np.arange(4096, dtype=np.uint16).reshape(64, 64)
+
+
+def lut_sequence(descriptor: list[int], data: list[int]) -> Sequence:
+    item = Dataset()
+    item.LUTDescriptor = descriptor
+    item.LUTData = data
+    return Sequence([item])
+
+
+def test_rescale_as_vendors_write_it() -> None:
+    px = ramp12()
+    expected = window(px + 1000.0, 3000.0, 2000.0)
+    zero_slope = make_ds(px, bits_stored=12, RescaleSlope=0, RescaleIntercept=1000)
+    no_slope = make_ds(px, bits_stored=12, RescaleIntercept=1000)
+    two_slopes = make_ds(px, bits_stored=12, RescaleSlope=[1, 1], RescaleIntercept=1000)
+    empty_slope = make_ds(px, bits_stored=12, RescaleSlope="", RescaleIntercept=1000)
+    for ds in (zero_slope, no_slope, two_slopes, empty_slope):
+        ds.WindowCenter, ds.WindowWidth = 3000, 2000
+        np.testing.assert_allclose(radiograph_to_volume(ds).array[0], expected, atol=1e-6)
+    # pydicom: a zero slope makes every pixel the intercept (a blank image) ...
+    assert np.all(apply_modality_lut(px, zero_slope) == 1000.0)
+    # ... an intercept without a slope is ignored ...
+    np.testing.assert_array_equal(apply_modality_lut(px, no_slope), px)
+    # ... and several or empty values fail.
+    with pytest.raises(ValueError, match="broadcast"):
+        apply_modality_lut(px, two_slopes)
+    with pytest.raises(TypeError):
+        apply_modality_lut(px, empty_slope)
+
+
+def test_lut_first_value_written_unsigned_for_signed_pixels() -> None:
+    px = (ramp12().astype(np.int32) - 2048).astype(np.int16)
+    # First mapped value -2048, written as the US 63488; 4096 entries 0, 16, ..., 65520.
+    ds = make_ds(px, WindowCenter=32768, WindowWidth=65536)
+    ds.ModalityLUTSequence = lut_sequence([4096, 65536 - 2048, 16], list(range(0, 65536, 16)))
+    expected = window((px + 2048.0) * 16.0, 32768.0, 65536.0)
+    np.testing.assert_allclose(radiograph_to_volume(ds).array[0], expected, atol=1e-6)
+    with pytest.raises(OverflowError):  # pydicom: 63488 does not fit the int16 pixels
+        apply_modality_lut(px, ds)
+
+
+def test_signed_pixels_through_a_full_range_lut() -> None:
+    px = np.array([[-32768, -1, 0, 100, 32767]], dtype=np.int16)
+    ds = make_ds(px, WindowCenter=32768, WindowWidth=65536)
+    ds.ModalityLUTSequence = lut_sequence([0, -32768, 16], list(range(65536)))
+    expected = window(px + 32768.0, 32768.0, 65536.0)
+    np.testing.assert_allclose(radiograph_to_volume(ds).array[0], expected, atol=1e-6)
+    # pydicom subtracts the first mapped value in int16, which wraps around for px >= 0.
+    np.testing.assert_array_equal(apply_modality_lut(px, ds), [[0, 32767, 0, 0, 0]])
+
+
+def test_lut_bits_per_entry_understated() -> None:
+    px = ramp12()
+    ds = make_ds(px, bits_stored=12)
+    ds.VOILUTSequence = lut_sequence([4096, 0, 8], list(range(4096)))  # 12-bit entries
+    np.testing.assert_allclose(radiograph_to_volume(ds).array[0], px / 4095.0, atol=1e-6)
+    with pytest.raises(OverflowError):  # pydicom reads the entries as uint8
+        apply_voi(px, ds)
+    # A Modality LUT must have 8 or 16 bits per entry; some say 12.
+    ds = make_ds(px, bits_stored=12, WindowCenter=2048, WindowWidth=4096)
+    ds.ModalityLUTSequence = lut_sequence([4096, 0, 12], list(range(4095, -1, -1)))
+    expected = window(4095.0 - px, 2048.0, 4096.0)
+    np.testing.assert_allclose(radiograph_to_volume(ds).array[0], expected, atol=1e-6)
+    with pytest.raises(TypeError, match="uint12"):  # pydicom: not a numpy type
+        apply_modality_lut(px, ds)
+
+
+def test_voi_lut_after_a_fractional_rescale() -> None:
+    px = ramp12()
+    ds = make_ds(px, bits_stored=12, RescaleSlope=1, RescaleIntercept=0.6)
+    ds.VOILUTSequence = lut_sequence([4096, 0, 16], list(range(0, 65536, 16)))
+    expected = np.minimum(px + 1, 4095) * 16 / 65535.0  # x + 0.6 rounds to x + 1
+    np.testing.assert_allclose(radiograph_to_volume(ds).array[0], expected, atol=1e-6)
+    with pytest.warns(UserWarning, match="float"):  # pydicom truncates float input
+        truncated = apply_voi(apply_modality_lut(px, ds), ds)
+    np.testing.assert_array_equal(truncated, px * 16)
+
+
+def test_window_as_vendors_write_it() -> None:
+    px = ramp12()
+    linear = radiograph_to_volume(make_ds(px, bits_stored=12, WindowCenter=2048,
+                                          WindowWidth=1024)).array[0]
+    for function in ("", "LIN"):  # empty, or not a defined term: LINEAR
+        ds = make_ds(px, bits_stored=12, WindowCenter=2048, WindowWidth=1024,
+                     VOILUTFunction=function)
+        np.testing.assert_array_equal(radiograph_to_volume(ds).array[0], linear)
+        with pytest.raises(ValueError, match="VOI LUT Function"):
+            apply_voi_lut(px, ds)
+    thin = make_ds(px, bits_stored=12, WindowCenter=2048, WindowWidth=0.5)  # LINEAR needs >= 1
+    np.testing.assert_array_equal(radiograph_to_volume(thin).array[0], px > 2047.5)
+    with pytest.raises(ValueError, match="Window Width"):
+        apply_voi_lut(px, thin)
+    # A zero width or an empty center is no window: the image is shown as without one.
+    unwindowed = radiograph_to_volume(make_ds(px, bits_stored=12)).array[0]
+    zero = make_ds(px, bits_stored=12, WindowCenter=2048, WindowWidth=0)
+    empty = make_ds(px, bits_stored=12, WindowCenter="", WindowWidth=1024)
+    for ds in (zero, empty):
+        np.testing.assert_array_equal(radiograph_to_volume(ds).array[0], unwindowed)
+    with pytest.raises(ValueError, match="Window Width"):
+        apply_voi_lut(px, zero)
+    with pytest.raises(TypeError):
+        apply_voi_lut(px, empty)
+
+
+def test_inverse_is_against_white_not_the_image_maximum() -> None:
+    px = ramp12()
+    attrs: dict[str, Any] = {"WindowCenter": 2048, "WindowWidth": 8192}
+    plain = radiograph_to_volume(make_ds(px, bits_stored=12, **attrs)).array[0]
+    assert float(plain.min()) > 0.2 and float(plain.max()) < 0.8  # neither black nor white
+    inverse = make_ds(px, bits_stored=12, PresentationLUTShape="INVERSE", **attrs)
+    np.testing.assert_allclose(radiograph_to_volume(inverse).array[0], 1.0 - plain, atol=1e-6)
+    # pydicom inverts against the image's own maximum: its brightest pixel becomes black.
+    by_pydicom = apply_presentation_lut(plain, inverse)
+    assert float(by_pydicom.min()) == 0.0
+    assert not np.allclose(by_pydicom, 1.0 - plain, atol=0.1)
+
+
 def test_bit_depths_without_voi() -> None:
     px8 = np.array([[0, 64], [128, 255]], dtype=np.uint8)
     out8 = radiograph_to_volume(make_ds(px8)).array[0]
@@ -333,7 +473,8 @@ def test_heatmap(real_volumes: dict[str, Volume], model: CxrPneumoniaModel) -> N
 
 def test_algorithm_version_tracks_weights(tmp_path: Path, model: CxrPneumoniaModel) -> None:
     digest = sha256_file(default_weights_path())
-    assert model.algorithm_version == f"1.0.0+sha256:{digest[:12]}"
+    assert model.weights_sha256 == digest
+    assert model.algorithm_version == f"1.0.0+sha256:{digest[:16]}"
     copy = tmp_path / "copy.safetensors"
     shutil.copyfile(default_weights_path(), copy)
     assert CxrPneumoniaModel(copy).algorithm_version == model.algorithm_version
@@ -344,9 +485,11 @@ def test_algorithm_version_tracks_weights(tmp_path: Path, model: CxrPneumoniaMod
     other.load("cpu")
     assert other.algorithm_version.startswith("1.0.0+sha256:")
     assert other.algorithm_version != model.algorithm_version
-    assert sha256_file(with_other_meta)[:12] in other.algorithm_version
-    with pytest.raises(ModelError):
+    assert other.algorithm_version == f"1.0.0+sha256:{sha256_file(with_other_meta)[:16]}"
+    with pytest.raises(WeightsError):
         CxrPneumoniaModel(tmp_path / "missing.safetensors").load("cpu")
+    with pytest.raises(WeightsError):
+        _ = CxrPneumoniaModel(tmp_path / "missing.safetensors").weights_sha256
 
 
 # --------------------------------------------------------------------------- metrics helpers

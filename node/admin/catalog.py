@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
+from models.base import WeightsError
 from models.registry import ModelFactory
 
 log = logging.getLogger("ainode.admin")
@@ -25,15 +26,14 @@ class ModelInfo:
 def describe(name: str, factory: ModelFactory) -> ModelInfo:
     """Instantiate (not load) a model and read what it declares about itself."""
     model = factory()
+    weights: str | None
     try:
-        weights = getattr(model, "weights_sha256", None)
-        algorithm = model.algorithm_version
-    except OSError as exc:  # weights file missing or unreadable
+        weights, algorithm = model.weights_sha256, model.algorithm_version
+    except (OSError, WeightsError) as exc:  # weights file missing or unreadable
         log.warning("model %s: cannot read its weights: %s", name, exc)
         weights, algorithm = None, model.version
     return ModelInfo(name=name, version=model.version, algorithm_version=algorithm,
-                     weights_sha256=weights if isinstance(weights, str) else None,
-                     modalities=list(model.input_spec.modalities),
+                     weights_sha256=weights, modalities=list(model.input_spec.modalities),
                      intended_use=model.intended_use)
 
 

@@ -6,29 +6,40 @@ default (bones bright on a chest film). The steps follow the DICOM grayscale pip
 (PS3.3 C.11, PS3.4 N.2.1):
 
 1. decode the pixel data (pydicom with the pylibjpeg / openjpeg / libjpeg / pyjpegls plug-ins);
-2. Modality LUT: the Modality LUT Sequence if present, else Rescale Slope / Intercept;
-3. VOI: the first VOI LUT Sequence item if present, else the first Window Center / Width pair
-   (with VOI LUT Function LINEAR, LINEAR_EXACT or SIGMOID); without either, 8-bit data is
-   taken as already display-ready (0 .. 255), and deeper data gets a 0.5-99.5 percentile
-   window;
+2. Modality LUT (pydicom ``apply_modality_lut``): the Modality LUT Sequence if present, else
+   Rescale Slope / Intercept;
+3. VOI: the first VOI LUT Sequence item if present (pydicom ``apply_voi``), else the first
+   Window Center / Width pair with VOI LUT Function LINEAR, LINEAR_EXACT or SIGMOID (pydicom
+   ``apply_windowing``); without either, 8-bit data is taken as already display-ready
+   (0 .. 255), and deeper data gets a 0.5-99.5 percentile window;
 4. polarity: MONOCHROME1 is inverted; so is MONOCHROME2 with Presentation LUT Shape INVERSE
    (for MONOCHROME1, INVERSE is the standard's way of restating the same inversion, so the
    image is inverted once);
 5. colour images (RGB, YBR_*, PALETTE COLOR) are converted to RGB and then to luma
    (ITU-R BT.601 weights), scaled by the largest stored value.
+
+pydicom gets the attributes it reads through a separate dataset, with the vendor errors it
+does not handle corrected: see :func:`_rescale`, :func:`_lut_item`, :func:`_lut_top` and
+:func:`window`. A LUT item pydicom cannot read makes the image unsupported.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.pixels.processing import apply_color_lut
+from pydicom.pixels.processing import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi,
+    apply_windowing,
+)
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from models.base import UnsupportedInput, Volume
@@ -137,62 +148,87 @@ def _decode(ds: Dataset) -> npt.NDArray[Any]:
 
 # --------------------------------------------------------------------------- grey pipeline
 
+LUT_ERRORS = (AttributeError, IndexError, KeyError, TypeError, ValueError, struct.error)
+"""What pydicom's LUT functions raise on a malformed LUT item."""
+
 
 def _grey_to_display(pixels: npt.NDArray[Any], ds: Dataset, photometric: str) -> FloatArray:
     """Modality LUT, VOI, polarity: stored values -> [0, 1] with 1 = white."""
     values, transformed = _modality_lut(pixels, ds)
     display = _voi(values, ds, transformed)
-    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
-    if photometric == "MONOCHROME1" or shape == "INVERSE":
+    if _inverted(ds, photometric):
         display = 1.0 - display
     return display
 
 
-def _lut(item: Dataset, ds: Dataset, what: str) -> tuple[int, int, FloatArray]:
-    """Parse a LUT item: (first mapped value, bits per entry, entries as float)."""
+def _lut_view(ds: Dataset) -> Dataset:
+    """An empty dataset with ``ds``'s transfer syntax, to hand pydicom corrected attributes.
+
+    ``ds`` itself is neither changed nor passed: pydicom's LUT functions write to the dataset
+    they are given. They read the byte order of OW LUT Data from its transfer syntax.
+    """
+    view = Dataset()
+    view.file_meta = FileMetaDataset()
+    view.file_meta.TransferSyntaxUID = _transfer_syntax(ds)
+    return view
+
+
+def _lut_item(item: Dataset, ds: Dataset, what: str) -> Dataset:
+    """A Modality or VOI LUT item as pydicom must read it; two vendor fixes.
+
+    * The first mapped value is US or SS as the pixel data are unsigned or signed. Some
+      vendors write it as US for signed pixels (65535 for -1): pydicom then maps every pixel
+      to the first entry, or fails. A value of 32768 or more with signed pixels is read as SS.
+    * pydicom reads the entries into an integer type of the descriptor's bits per entry,
+      which fails when a vendor understates them (8 bits for 12-bit entries) or writes a
+      depth numpy has no type for (12 bits in a Modality LUT). Entries are read as 16-bit.
+    """
     try:
-        descriptor = [int(v) for v in item.LUTDescriptor]
-        n_entries, first, bits = descriptor[0] or 65536, descriptor[1], descriptor[2]
-        element = item["LUTData"]
-        raw = element.value
-    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
+        count, first, _bits = (int(v) for v in item.LUTDescriptor)
+        data = item["LUTData"]
+    except LUT_ERRORS as exc:
         raise UnsupportedInput(f"invalid {what}: {exc}") from exc
-    if isinstance(raw, bytes | bytearray):
-        _implicit, little = ds.original_encoding
-        dtype = "<u2" if little in (None, True) else ">u2"
-        data = np.frombuffer(bytes(raw[: len(raw) // 2 * 2]), dtype=dtype).astype(np.float64)
-    else:
-        data = np.asarray(list(raw) if not isinstance(raw, int) else [raw], dtype=np.float64)
-    data = data[:n_entries]
-    if data.size == 0:
-        raise UnsupportedInput(f"empty {what}")
-    # The first value is US or SS depending on the pixel representation.
-    if first >= 32768 and int(ds.get("PixelRepresentation", 0) or 0) == 1:
-        first -= 65536
-    return first, bits, data
+    if first >= 1 << 15 and int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        first -= 1 << 16
+    fixed = Dataset()
+    fixed.LUTDescriptor = [count, first, 16]
+    fixed[data.tag] = data
+    return fixed
 
 
-def _apply_lut(values: FloatArray, first: int, data: FloatArray) -> FloatArray:
-    """Look ``values`` up in a LUT: below the first entry -> first, above the last -> last."""
-    index = np.clip(np.rint(values) - first, 0, data.size - 1).astype(np.int64)
-    out: FloatArray = data[index]
-    return out
-
-
-def _modality_lut(pixels: npt.NDArray[Any], ds: Dataset) -> tuple[FloatArray, bool]:
-    """Stored values -> modality values; the flag says whether anything was applied."""
-    values = pixels.astype(np.float64)
+def _modality_lut(pixels: npt.NDArray[Any], ds: Dataset) -> tuple[npt.NDArray[Any], bool]:
+    """Stored values -> modality values (pydicom); the flag says whether anything was applied."""
+    view = _lut_view(ds)
     seq = ds.get("ModalityLUTSequence")
     if seq:
-        first, _bits, data = _lut(seq[0], ds, "Modality LUT Sequence")
-        return _apply_lut(values, first, data), True
-    slope = _first_float(ds.get("RescaleSlope"))
-    intercept = _first_float(ds.get("RescaleIntercept"))
-    slope = 1.0 if slope is None or slope == 0.0 else slope
-    intercept = 0.0 if intercept is None else intercept
-    if slope != 1.0 or intercept != 0.0:
-        return values * slope + intercept, True
-    return values, False
+        view.ModalityLUTSequence = [_lut_item(seq[0], ds, "Modality LUT Sequence")]
+        # pydicom subtracts the first mapped value in the pixels' own type: int16 pixels
+        # and a first value of -32768 would wrap around.
+        pixels = pixels.astype(np.int64)
+    else:
+        rescale = _rescale(ds)
+        if rescale is None:
+            return pixels, False
+        view.RescaleSlope, view.RescaleIntercept = rescale
+    try:
+        return apply_modality_lut(pixels, view), True
+    except LUT_ERRORS as exc:
+        raise UnsupportedInput(f"invalid Modality LUT Sequence: {exc}") from exc
+
+
+def _rescale(ds: Dataset) -> tuple[float, float] | None:
+    """(Rescale Slope, Rescale Intercept) as vendors write them; None for the identity.
+
+    Vendor fixes: pydicom needs both, and multiplies by whatever is there. A missing or zero
+    slope is taken as 1 (pydicom ignores an intercept without a slope, and a zero slope gives
+    a blank image), a missing intercept as 0, and of several values (``1\\1``) or an empty
+    or invalid one only a first finite number counts (pydicom fails on them).
+    """
+    slope = _first_float(ds.get("RescaleSlope")) or 1.0
+    intercept = _first_float(ds.get("RescaleIntercept")) or 0.0
+    if slope == 1.0 and intercept == 0.0:
+        return None
+    return slope, intercept
 
 
 def _first_float(value: object) -> float | None:
@@ -208,19 +244,15 @@ def _first_float(value: object) -> float | None:
     return out if math.isfinite(out) else None
 
 
-def _voi(values: FloatArray, ds: Dataset, transformed: bool) -> FloatArray:
+def _voi(values: npt.NDArray[Any], ds: Dataset, transformed: bool) -> FloatArray:
     """Modality values -> [0, 1] via VOI LUT, window, or a fallback range."""
     seq = ds.get("VOILUTSequence")
     if seq:
-        first, bits, data = _lut(seq[0], ds, "VOI LUT Sequence")
-        top = float(2**bits - 1) if 1 <= bits <= 16 else float(data.max())
-        if data.max() > top:  # descriptor understates the depth (a known vendor error)
-            top = float(2 ** math.ceil(math.log2(data.max() + 1)) - 1)
-        return _apply_lut(values, first, data) / max(top, 1.0)
+        return _voi_lut(values, ds, seq[0])
     center = _first_float(ds.get("WindowCenter"))
     width = _first_float(ds.get("WindowWidth"))
     if center is not None and width is not None and width > 0:
-        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+        function = str(ds.get("VOILUTFunction", "") or "").strip().upper()
         return window(values, center, width, function)
     bits_stored = int(ds.get("BitsStored", 8) or 8)
     if bits_stored <= 8 and not transformed:
@@ -230,31 +262,78 @@ def _voi(values: FloatArray, ds: Dataset, transformed: bool) -> FloatArray:
     else:
         lo, hi = (float(v) for v in np.percentile(values, PERCENTILE_WINDOW))
     if hi <= lo:
-        return np.zeros_like(values)
+        return np.zeros(values.shape, dtype=np.float64)
     scaled: FloatArray = np.clip((values - lo) / (hi - lo), 0.0, 1.0)
     return scaled
 
 
-def window(values: FloatArray, center: float, width: float, function: str = "LINEAR") -> FloatArray:
-    """DICOM VOI window (PS3.3 C.11.2.1.2) with output scaled to [0, 1].
+def _voi_lut(values: npt.NDArray[Any], ds: Dataset, item: Dataset) -> FloatArray:
+    """Apply a VOI LUT Sequence item (pydicom) and scale its output to [0, 1].
 
-    ``function`` is the VOI LUT Function: LINEAR (default, also for unknown values),
-    LINEAR_EXACT or SIGMOID.
+    The modality values are rounded to integers first: pydicom truncates float input (and
+    warns), and a rescaled image is float even when its values are whole.
+    """
+    view = _lut_view(ds)
+    view.VOILUTSequence = [_lut_item(item, ds, "VOI LUT Sequence")]
+    count, first, _ = view.VOILUTSequence[0].LUTDescriptor
+    if not np.issubdtype(values.dtype, np.integer):
+        values = np.rint(values).astype(np.int64)
+    try:
+        # Every input the table maps gives its entries, as pydicom reads them.
+        entries = apply_voi(np.arange(first, first + (count or 1 << 16)), view)
+        out: FloatArray = apply_voi(values, view) / _lut_top(item, entries)
+    except LUT_ERRORS as exc:
+        raise UnsupportedInput(f"invalid VOI LUT Sequence: {exc}") from exc
+    return out
+
+
+def _lut_top(item: Dataset, entries: npt.NDArray[Any]) -> float:
+    """The white of a VOI LUT: the largest value of its bits per entry.
+
+    Vendor fix: a descriptor that understates the bits per entry (8 for 12-bit entries) would
+    give values above 1; the white is then that of the depth the entries need.
+    """
+    bits = int(item.LUTDescriptor[2])
+    peak = float(entries.max())
+    top = float(2**bits - 1) if 1 <= bits <= 16 else peak
+    if peak > top:
+        top = float(2 ** math.ceil(math.log2(peak + 1)) - 1)
+    return max(top, 1.0)
+
+
+def window(
+    values: npt.NDArray[Any], center: float, width: float, function: str = "LINEAR"
+) -> FloatArray:
+    """DICOM VOI window (PS3.3 C.11.2.1.2) by pydicom's ``apply_windowing``, output in [0, 1].
+
+    ``function`` is the VOI LUT Function: LINEAR_EXACT, SIGMOID, else LINEAR. Vendor fixes
+    (pydicom raises ValueError on both): an empty or unknown function is taken as LINEAR, and
+    a LINEAR width below 1 as 1, a threshold at ``center - 0.5``.
     """
     if width <= 0:
         raise ValueError(f"window width must be positive, got {width}")
-    out: FloatArray
-    if function == "SIGMOID":
-        out = 1.0 / (1.0 + np.exp(np.clip(-4.0 * (values - center) / width, -700.0, 700.0)))
-        return out
-    if function == "LINEAR_EXACT":
-        out = np.clip((values - center) / width + 0.5, 0.0, 1.0)
-        return out
-    if width <= 1.0:  # LINEAR requires width >= 1; width 1 is a threshold at center - 0.5
-        out = (values > center - 0.5).astype(np.float64)
-        return out
-    out = np.clip((values - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
+    if function not in ("LINEAR_EXACT", "SIGMOID"):
+        function, width = "LINEAR", max(width, 1.0)
+    params = Dataset()
+    params.PhotometricInterpretation = "MONOCHROME2"
+    # apply_windowing maps onto the range of the stored values: one unsigned bit is [0, 1].
+    params.BitsStored, params.PixelRepresentation = 1, 0
+    params.WindowCenter, params.WindowWidth, params.VOILUTFunction = center, width, function
+    with np.errstate(over="ignore"):  # SIGMOID far below the center: exp overflows, 1/inf = 0
+        out: FloatArray = apply_windowing(np.asarray(values), params)
     return out
+
+
+def _inverted(ds: Dataset, photometric: str) -> bool:
+    """Whether black and white swap: MONOCHROME1, or Presentation LUT Shape INVERSE.
+
+    For MONOCHROME1, INVERSE restates the same inversion (as DX requires), so the image is
+    inverted once. pydicom's ``apply_presentation_lut`` does not fit: it inverts against the
+    image's own maximum (``arr.max() - arr``) rather than the white of the VOI output, so an
+    image without a white pixel would come out darker, and it does not know MONOCHROME1.
+    """
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    return photometric == "MONOCHROME1" or shape == "INVERSE"
 
 
 # --------------------------------------------------------------------------- colour

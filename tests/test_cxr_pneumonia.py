@@ -128,9 +128,7 @@ def test_weights_file_matches_metrics(model: CxrPneumoniaModel, recorded: dict[s
     assert recorded["weights_sha256"] == sha256_file(default_weights_path())
     version = f"1.0.0+sha256:{recorded['weights_sha256'][:WEIGHTS_HASH_DIGITS]}"
     assert model.algorithm_version == version
-    # The metrics were recorded when the version carried 12 hex digits of the same hash.
-    recorded_12 = f"1.0.0+sha256:{recorded['weights_sha256'][:12]}"
-    assert recorded["algorithm_version"] in (version, recorded_12)
+    assert recorded["algorithm_version"] == version
     assert recorded["test"]["auc"] >= 0.97
     assert default_weights_path().stat().st_size < 2_000_000
     assert model.threshold == pytest.approx(recorded["threshold"])

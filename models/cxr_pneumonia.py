@@ -39,8 +39,8 @@ from models.base import (
     UnsupportedInput,
     Volume,
     WeightsError,
+    sha256_file,
 )
-from models.base import sha256_file as sha256_file  # re-exported: the training script uses it
 
 ARCHITECTURE = "cxrnet-v1"
 """Architecture identifier written into (and checked from) the weights metadata."""

@@ -38,6 +38,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
+from models.base import sha256_file
 from models.cxr_pneumonia import (
     ARCHITECTURE,
     INPUT_SIZE,
@@ -49,7 +50,6 @@ from models.cxr_pneumonia import (
     default_weights_path,
     read_weights,
     save_weights,
-    sha256_file,
 )
 
 DEFAULT_DATA = (Path(__file__).resolve().parents[2] / "shared" / "datasets"

@@ -6,10 +6,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from pynetdicom.transport import AssociationServer
 
 from db.queue import SessionFactory
 from node.admin.app import create_app
@@ -59,11 +59,11 @@ def start_admin(settings: Settings, factory: SessionFactory,
     return server
 
 
-def listening(server: Any) -> Callable[[], bool]:
+def listening(server: AssociationServer) -> Callable[[], bool]:
     """A readiness probe of a pynetdicom server: its listening socket is open."""
 
     def probe() -> bool:
-        sock = getattr(server, "socket", None)
+        sock = server.socket  # pynetdicom types it Optional (None before it is bound)
         return sock is not None and sock.fileno() != -1
 
     return probe

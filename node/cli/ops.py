@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -60,8 +60,8 @@ def _actor() -> str:
     return f"cli:{getpass.getuser()}@{os.uname().nodename}"
 
 
-def _json(value: Any) -> None:
-    def plain(v: Any) -> Any:
+def _json(value: object) -> None:
+    def plain(v: object) -> object:
         if isinstance(v, datetime):
             return v.isoformat()
         if dataclasses.is_dataclass(v) and not isinstance(v, type):

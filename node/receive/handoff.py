@@ -14,7 +14,7 @@ import socket
 import threading
 from typing import Any
 
-from node.receive.server import ReceiverServer
+from node.receive.server import PeerAddress, ReceiverServer
 
 READY = b"r"
 """Sent once by an acceptor process to the serve process when it takes connections."""
@@ -52,7 +52,7 @@ class HandoffServer(ReceiverServer):
     def server_activate(self) -> None:
         pass
 
-    def get_request(self) -> tuple[Any, Any]:
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         message, fds, _flags, _address = socket.recv_fds(self.channel, 4096, 1)
         if not fds:
             if not message:  # the serve process is gone: stop
@@ -62,7 +62,8 @@ class HandoffServer(ReceiverServer):
         host, port = json.loads(message)
         return self.prepare_client(client), (str(host), int(port))
 
-    def verify_request(self, request: Any, client_address: Any) -> bool:
+    def verify_request(self, request: socket.socket | tuple[bytes, socket.socket],
+                       client_address: PeerAddress) -> bool:
         return True  # checked by the serve process before the handoff
 
     def association_finished(self) -> None:

@@ -39,7 +39,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import pydicom.config
 import pynetdicom
@@ -52,7 +52,17 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.pdu_primitives import P_DATA
-from pynetdicom.transport import AssociationSocket, RequestHandler
+from pynetdicom.transport import (
+    AssociationServer,
+    AssociationSocket,
+    RequestHandler,
+    ThreadedAssociationServer,
+)
+
+if TYPE_CHECKING:
+    from pynetdicom.pdu import _PDUType
+
+T = TypeVar("T")
 
 log = logging.getLogger("ainode.scp")
 SUPPORTED = ("3.0.",)
@@ -80,7 +90,7 @@ def quiet_pynetdicom() -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
-def register_server(ae: AE, server: Any) -> None:
+def register_server(ae: AE, server: ThreadedAssociationServer) -> None:
     """Register a server made with ``AE.make_server`` as ``AE.start_server`` does.
 
     The server's ``shutdown()`` removes it from its AE again, so it must be there.
@@ -88,21 +98,21 @@ def register_server(ae: AE, server: Any) -> None:
     ae._servers.append(server)
 
 
-def association_server(assoc: Association) -> Any:
-    """The association server an acceptor association belongs to."""
+def association_server(assoc: Association) -> AssociationServer | None:
+    """The association server an acceptor association belongs to (None: a requestor's)."""
     return assoc._server
 
 
-class _SignalQueue(queue.Queue):  # type: ignore[type-arg]
+class _SignalQueue(queue.Queue[T]):
     """A queue that calls ``notify`` after every put; takes over what ``old`` holds."""
 
-    def __init__(self, notify: Any, old: queue.Queue) -> None:  # type: ignore[type-arg]
+    def __init__(self, notify: Callable[[], None], old: queue.Queue[T]) -> None:
         super().__init__()
         self._notify = notify
         while not old.empty():
             super().put(old.get_nowait())
 
-    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+    def put(self, item: T, block: bool = True, timeout: float | None = None) -> None:
         super().put(item, block, timeout)
         self._notify()
 
@@ -147,7 +157,7 @@ class EventDrivenDUL(DULServiceProvider):
         self._wakeup.signal()
         return super().stop_dul()
 
-    def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
+    def _decode_pdu(self, bytestream: bytearray) -> tuple[_PDUType, str]:
         """A P-DATA-TF PDU as views of the received bytes; anything else as pynetdicom does.
 
         pynetdicom copies a P-DATA-TF's payload four times while decoding it (to
@@ -157,7 +167,7 @@ class EventDrivenDUL(DULServiceProvider):
         """
         if (bytestream[0] != P_DATA_TF_TYPE or self.assoc.get_handlers(evt.EVT_DATA_RECV)
                 or self.assoc.get_handlers(evt.EVT_PDU_RECV)):
-            return cast(tuple[Any, str], super()._decode_pdu(bytestream))
+            return super()._decode_pdu(bytestream)
         view = memoryview(bytestream)
         pdu = P_DATA_TF()
         offset, end = 6, len(bytestream)

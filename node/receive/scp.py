@@ -15,7 +15,8 @@ import re
 import struct
 from dataclasses import dataclass, replace
 from enum import IntEnum
-from typing import Any
+from io import BytesIO
+from typing import Protocol, cast
 
 import pydicom.uid as uid
 from pydicom import Dataset
@@ -23,6 +24,9 @@ from pydicom.dataelem import RawDataElement
 from pydicom.filereader import read_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.status import Status
 
 from db.queue import InstanceMeta
@@ -108,7 +112,19 @@ DEFER_BYTES = 64 * 1024
 """Values at least this long (pixel data) are not read when the data set is decoded."""
 
 
-def received_dataset(event: Any) -> Dataset:
+def store_request(event: Event) -> C_STORE:
+    """An EVT_C_STORE event's request (pynetdicom types ``event.request`` as any DIMSE request)."""
+    return cast(C_STORE, event.request)
+
+
+def received_bytes(req: C_STORE) -> BytesIO:
+    """The received data set's bytes, as pynetdicom holds them (set on every C-STORE request)."""
+    if req.DataSet is None:
+        raise InvalidInstance("C-STORE request without a data set")
+    return req.DataSet
+
+
+def received_dataset(event: Event) -> Dataset:
     """The received data set's attributes, its large values (pixel data) left unread.
 
     The node stores the bytes as received and only needs a dozen attributes and
@@ -117,8 +133,8 @@ def received_dataset(event: Any) -> Dataset:
     """
     syntax = uid.UID(str(event.context.transfer_syntax))
     if syntax == DeflatedExplicitVRLittleEndian:
-        return event.dataset  # type: ignore[no-any-return]
-    stream = event.request.DataSet
+        return event.dataset
+    stream = received_bytes(store_request(event))
     stream.seek(0)
     return read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian,
                         defer_size=DEFER_BYTES)
@@ -217,22 +233,22 @@ def file_meta_header(sop_class: str, sop_instance: str, transfer_syntax: str) ->
     return b"\x00" * 128 + b"DICM" + length + body
 
 
-def part10(event: Any) -> list[memoryview | bytes]:
+def part10(event: Event) -> list[memoryview | bytes]:
     """The instance as a DICOM file: preamble, file meta and the data set exactly as received.
 
     What ``event.encoded_dataset()`` returns, as two pieces instead of one joined copy:
     the received data set is handed on as a view of pynetdicom's buffer.
     """
-    req = event.request
+    req = store_request(event)
     head = file_meta_header(str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID),
                             str(event.context.transfer_syntax))
-    return [head, req.DataSet.getbuffer()]
+    return [head, received_bytes(req).getbuffer()]
 
 
-def handle_store(event: Any, ctx: StoreContext) -> int:
+def handle_store(event: Event, ctx: StoreContext) -> int:
     """C-STORE: make the instance durable, then answer. Returns a DIMSE status."""
     calling = str(event.assoc.requestor.ae_title).strip()
-    req = event.request
+    req = store_request(event)
     try:
         ensure_free_space(ctx.storage.dir, ctx.storage.min_free_mb)
         try:
@@ -268,23 +284,30 @@ def handle_store(event: Any, ctx: StoreContext) -> int:
         return status_for(exc)
 
 
-def handle_echo(event: Any) -> int:
+def handle_echo(event: Event) -> int:
     return StoreStatus.SUCCESS
 
 
-def count_association(event: Any, outcome: str) -> None:
+class OutcomeReporter(Protocol):
+    """What the node's association servers add (:class:`node.receive.server.ReceiverServer`)."""
+
+    def report_outcome(self, outcome: str) -> None: ...
+
+
+def count_association(event: Event, outcome: str) -> None:
     """Count an association's outcome where the metrics live (see ``report_outcome``)."""
-    association_server(event.assoc).report_outcome(outcome)
+    # an acceptor association's server: one start_scp made, a ReceiverServer (or subclass)
+    cast(OutcomeReporter, association_server(event.assoc)).report_outcome(outcome)
 
 
-def handle_rejected(event: Any) -> None:
+def handle_rejected(event: Event) -> None:
     count_association(event, "rejected")
     assoc = event.assoc
     log.warning("association rejected from %s:%s calling AE %r", assoc.requestor.address,
                 assoc.requestor.port, str(assoc.requestor.ae_title).strip())
 
 
-def handle_requested(event: Any, ae_networks: dict[str, list[IPNetwork]]) -> None:
+def handle_requested(event: Event, ae_networks: dict[str, list[IPNetwork]]) -> None:
     """Reject (A-ASSOCIATE-RJ) a calling AE that may not come from its address.
 
     Done on the request, before negotiation: pynetdicom marks an association
@@ -293,7 +316,8 @@ def handle_requested(event: Any, ae_networks: dict[str, list[IPNetwork]]) -> Non
     """
     assoc = event.assoc
     r = assoc.requestor
-    calling = str(r.primitive.calling_ae_title).strip()  # r.ae_title is set by negotiation
+    request = cast(A_ASSOCIATE, r.primitive)  # the A-ASSOCIATE-RQ: set before EVT_REQUESTED
+    calling = str(request.calling_ae_title).strip()  # r.ae_title is set by negotiation
     allowed = ae_networks.get(calling)
     if allowed is None or any(ipaddress.ip_address(r.address) in n for n in allowed):
         return
@@ -304,7 +328,7 @@ def handle_requested(event: Any, ae_networks: dict[str, list[IPNetwork]]) -> Non
     assoc.kill()
 
 
-def handle_accepted(event: Any) -> None:
+def handle_accepted(event: Event) -> None:
     r = event.assoc.requestor
     count_association(event, "accepted")
     log.info("association accepted from %s:%s calling AE %r", r.address, r.port,

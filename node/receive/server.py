@@ -58,6 +58,8 @@ from node.tls import server_context
 
 log = logging.getLogger("ainode.scp")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+PeerAddress = tuple[str, int] | tuple[str, int, int, int]
+"""A connection's source: (host, port), and an IPv6 one's flow info and scope id."""
 
 STORAGE_SOP_CLASSES: tuple[str, ...] = (
     uid.ComputedRadiographyImageStorage,
@@ -106,7 +108,7 @@ def make_ae(dicom: DicomSettings) -> AE:
     return ae
 
 
-def address_allowed(networks: list[IPNetwork], client_address: Any) -> bool:
+def address_allowed(networks: list[IPNetwork], client_address: PeerAddress) -> bool:
     """Whether a connection's source may connect (``dicom.allowed_networks``); logs refusals."""
     if not networks:
         return True
@@ -136,12 +138,13 @@ class ReceiverServer(ThreadedAssociationServer):
                                                   do_handshake_on_connect=False)
         return client
 
-    def get_request(self) -> tuple[Any, Any]:
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:  # pynetdicom's annotation
         assert self.socket is not None
         client, address = self.socket.accept()
         return self.prepare_client(client), address
 
-    def verify_request(self, request: Any, client_address: Any) -> bool:
+    def verify_request(self, request: socket.socket | tuple[bytes, socket.socket],
+                       client_address: PeerAddress) -> bool:
         return address_allowed(self.allowed_networks, client_address)
 
     def report_outcome(self, outcome: str) -> None:
@@ -175,7 +178,7 @@ def start_scp(dicom: DicomSettings, ctx: StoreContext,
     quiet_pynetdicom()
     ctx.storage.dir.mkdir(parents=True, exist_ok=True)
     ae = make_ae(dicom)
-    handlers: list[Any] = [
+    handlers: list[evt.EventHandlerType] = [
         (evt.EVT_C_STORE, handle_store, [ctx]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_REJECTED, handle_rejected),

@@ -19,10 +19,10 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.association import Association
 
 from db.queue import ResultRecord, SessionFactory, claim_results, mark_send_failed, mark_sent
 from node.dimse import VERIFICATION
@@ -68,7 +68,8 @@ def tls_args(dest: Destination, own: TLSSettings) -> tuple[ssl.SSLContext, str] 
     return client_context(dest.tls, own), dest.host
 
 
-def _associate(ae: AE, dest: Destination, tls: tuple[ssl.SSLContext, str] | None) -> Any:
+def _associate(ae: AE, dest: Destination, tls: tuple[ssl.SSLContext, str] | None
+               ) -> Association:
     return ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
 
 
@@ -91,7 +92,7 @@ def echo(dest: Destination, calling: str, timeout: float = 10.0,
     return EchoResult(False, f"C-ECHO failed: {code}")
 
 
-def _store(assoc: Any, path: str) -> None:
+def _store(assoc: Association, path: str) -> None:
     """C-STORE one file; raise :class:`SendError` unless the destination accepted it."""
     try:
         status = assoc.send_c_store(path)

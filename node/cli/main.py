@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from node.cli import ops
+from node.cli.options import ConfigOption, err, settings_or_exit
 from node.errors import ConfigError
-from node.settings import CONFIG_ENV, Settings, load_settings
 
 app = typer.Typer(help="ainode: an AI node for a hospital PACS.", no_args_is_help=True,
                   add_completion=False)
@@ -29,21 +29,6 @@ app.command("hash-secret")(ops.hash_secret)
 app.add_typer(ops.jobs_app, name="jobs")
 app.add_typer(ops.studies_app, name="studies")
 app.add_typer(ops.destinations_app, name="destinations")
-err = Console(stderr=True)
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", envvar=CONFIG_ENV, help="TOML configuration file.",
-                 show_default="embedded default config"),
-]
-
-
-def _settings(path: Path | None) -> Settings:
-    try:
-        return load_settings(path)
-    except ConfigError as exc:
-        err.print(f"[red]configuration error:[/red] {exc}")
-        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -52,7 +37,7 @@ def serve(config: ConfigOption = None) -> None:
     from node.runtime.logs import configure
     from node.runtime.serve import serve as run
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     configure(settings.logging.level)
     raise typer.Exit(run(settings, config))
 
@@ -67,7 +52,7 @@ def acceptor(index: Annotated[int, typer.Option(help="Which acceptor this is.")]
     from node.receive.acceptors import run_acceptor
     from node.runtime.logs import configure
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     configure(settings.logging.level)
     raise typer.Exit(run_acceptor(settings, index, socket.socket(fileno=channel)))
 
@@ -87,7 +72,7 @@ def worker(config: ConfigOption = None,
     from node.runtime.clock import utcnow
     from node.runtime.logs import configure
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     configure(settings.logging.level)
     factory = make_session_factory(make_engine(settings.database.url))
     requeue_expired(factory, utcnow())
@@ -108,7 +93,7 @@ def check_config(path: Annotated[Path, typer.Argument(help="TOML configuration f
     from models.base import ModelError
     from node.infer.plugins import available_models
 
-    settings = _settings(path)
+    settings = settings_or_exit(path)
     try:
         known = available_models(settings)
         for model in settings.models:  # checks the weights file and its hash
@@ -130,7 +115,7 @@ def db_upgrade(config: ConfigOption = None) -> None:
     """Apply the database migrations."""
     from db.migrate import upgrade
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     upgrade(settings.database.url)
     typer.echo("database is at the latest revision")
 
@@ -142,7 +127,7 @@ def echo(destination: Annotated[str, typer.Argument(help="Destination name from 
     from node.receive.reactor import quiet_pynetdicom
     from node.send.sender import echo as c_echo
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     try:
         dest = settings.destination(destination)
     except KeyError:
@@ -162,7 +147,7 @@ def models_list(config: ConfigOption = None,
     from node.infer.plugins import available_models
     from node.infer.worker import resolve_device
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     device = resolve_device(settings.workers.device)
     rows: list[dict[str, str]] = []
     for name, factory in sorted(available_models(settings).items()):

@@ -12,7 +12,6 @@ import json
 import os
 from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -23,31 +22,18 @@ from rich.table import Table
 from db import admin
 from db.queue import SessionFactory
 from db.schema import JobStatus
-from node.errors import ConfigError
+from node.cli.options import ConfigOption, err, settings_or_exit
 from node.runtime.clock import utcnow
-from node.settings import CONFIG_ENV, Settings, load_settings
+from node.settings import Settings
 
 jobs_app = typer.Typer(help="The job queue: list, show, retry, cancel, re-send.",
                        no_args_is_help=True)
 studies_app = typer.Typer(help="Received studies.", no_args_is_help=True)
 destinations_app = typer.Typer(help="Configured DICOM destinations.", no_args_is_help=True)
 out = Console()
-err = Console(stderr=True)
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", envvar=CONFIG_ENV, help="TOML configuration file.",
-                 show_default="embedded default config"),
-]
+
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
-
-
-def _settings(path: Path | None) -> Settings:
-    try:
-        return load_settings(path)
-    except ConfigError as exc:
-        err.print(f"[red]configuration error:[/red] {exc}")
-        raise typer.Exit(2) from None
 
 
 def _factory(settings: Settings) -> SessionFactory:
@@ -86,7 +72,7 @@ def _act(what: str, action: Callable[[], str]) -> None:
 
 def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Queue counts, recent traffic, workers and destinations."""
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     factory = _factory(settings)
     summary = admin.summary(factory, utcnow())
     dests = admin.destination_stats(factory, [d.name for d in settings.destinations])
@@ -140,7 +126,7 @@ def jobs_list(config: ConfigOption = None,
               per_page: Annotated[int, typer.Option(min=1, max=admin.MAX_PER_PAGE)] = 50,
               as_json: JsonOption = False) -> None:
     """Jobs, newest first."""
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     if state is not None and state not in {s.value for s in JobStatus}:
         err.print(f"[red]unknown status[/red] {state!r}")
         raise typer.Exit(2)
@@ -162,7 +148,7 @@ def jobs_list(config: ConfigOption = None,
 @jobs_app.command("show")
 def jobs_show(job_id: int, config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """One job: its details, timeline and results."""
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     try:
         detail = admin.job_detail(_factory(settings), job_id)
     except admin.NotFound as exc:
@@ -191,7 +177,7 @@ def jobs_show(job_id: int, config: ConfigOption = None, as_json: JsonOption = Fa
 @jobs_app.command("retry")
 def jobs_retry(job_id: int, config: ConfigOption = None) -> None:
     """Queue a failed, cancelled or skipped job again."""
-    factory = _factory(_settings(config))
+    factory = _factory(settings_or_exit(config))
 
     def run() -> str:
         admin.retry_job(factory, job_id, _actor(), utcnow())
@@ -203,7 +189,7 @@ def jobs_retry(job_id: int, config: ConfigOption = None) -> None:
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: int, config: ConfigOption = None) -> None:
     """Cancel a queued or running job."""
-    factory = _factory(_settings(config))
+    factory = _factory(settings_or_exit(config))
 
     def run() -> str:
         admin.cancel_job(factory, job_id, _actor(), utcnow())
@@ -215,7 +201,7 @@ def jobs_cancel(job_id: int, config: ConfigOption = None) -> None:
 @jobs_app.command("resend")
 def jobs_resend(job_id: int, destination: str, config: ConfigOption = None) -> None:
     """Send a done job's results to DESTINATION again."""
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     if destination not in {d.name for d in settings.destinations}:
         err.print(f"[red]unknown destination[/red] {destination!r}")
         raise typer.Exit(2)
@@ -235,7 +221,7 @@ def studies_list(config: ConfigOption = None,
                  per_page: Annotated[int, typer.Option(min=1, max=admin.MAX_PER_PAGE)] = 50,
                  as_json: JsonOption = False) -> None:
     """Studies, most recent first, with their series and instance counts."""
-    found = admin.list_studies(_factory(_settings(config)), search, page, per_page)
+    found = admin.list_studies(_factory(settings_or_exit(config)), search, page, per_page)
     if as_json:
         _json(found)
         return
@@ -252,7 +238,7 @@ def studies_list(config: ConfigOption = None,
 @destinations_app.command("list")
 def destinations_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Destinations with their outbox counts and last C-ECHO."""
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     dests = admin.destination_stats(_factory(settings), [d.name for d in settings.destinations])
     if as_json:
         _json([{**d.model_dump(), "stats": dataclasses.asdict(st)}
@@ -269,7 +255,7 @@ def destinations_echo(names: Annotated[list[str] | None, typer.Argument(
     from node.receive.reactor import quiet_pynetdicom
     from node.send.sender import echo
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     try:
         dests = [settings.destination(n) for n in names] if names else settings.destinations
     except KeyError as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -36,10 +37,10 @@ def join_names(names: object) -> str:
     """The comma-joined text of a JSON list of names (a driver may hand it over as text)."""
     if isinstance(names, str):
         names = json.loads(names)
-    return ','.join(str(name) for name in names or [])
+    return ','.join(str(name) for name in names) if isinstance(names, list) else ''
 
 
-def _replace(old_type: sa.types.TypeEngine[object], new_type: sa.types.TypeEngine[object],
+def _replace(old_type: sa.types.TypeEngine[Any], new_type: sa.types.TypeEngine[Any],
              convert: Callable[[object], object]) -> None:
     """Give ``jobs.destinations`` ``new_type``, converting each row's value with ``convert``."""
     with op.batch_alter_table('jobs', schema=None) as batch_op:

@@ -17,9 +17,7 @@ from sqlalchemy.orm import Session
 
 from db.audit import AuditEntry, WorkerPresence
 from db.engine import reading
-from db.errors import Conflict as Conflict  # re-exported: callers catch admin.Conflict
-from db.errors import DbError
-from db.errors import NotFound as NotFound  # re-exported: callers catch admin.NotFound
+from db.errors import Conflict, NotFound
 from db.queue import SessionFactory
 from db.schema import (
     Instance,
@@ -35,10 +33,6 @@ from db.schema import (
 MAX_PER_PAGE = 200
 PRESENCE_EVERY = timedelta(seconds=5)
 PRESENCE_STALE = timedelta(seconds=30)
-
-
-#: The former name of :class:`db.errors.DbError`, kept for callers that still use it.
-AdminError = DbError
 
 
 # --- records ----------------------------------------------------------------

@@ -20,6 +20,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from db import admin
+from db.errors import DbError, NotFound
 from db.queue import SessionFactory
 from db.schema import JobStatus
 from node.cli.options import ConfigOption, err, settings_or_exit
@@ -64,7 +65,7 @@ def _when(value: datetime | None) -> str:
 def _act(what: str, action: Callable[[], str]) -> None:
     try:
         message = action()
-    except admin.AdminError as exc:
+    except DbError as exc:
         err.print(f"[red]{what}:[/red] {exc}")
         raise typer.Exit(1) from None
     typer.echo(message)
@@ -151,7 +152,7 @@ def jobs_show(job_id: int, config: ConfigOption = None, as_json: JsonOption = Fa
     settings = settings_or_exit(config)
     try:
         detail = admin.job_detail(_factory(settings), job_id)
-    except admin.NotFound as exc:
+    except NotFound as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
     if as_json:

@@ -1,35 +1,22 @@
-"""Periodic work, driven by apscheduler: study completion, lease sweep, sending."""
+"""Periodic work, driven by apscheduler: study completion, lease sweep, sending, retention."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from functools import partial
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from db.admin import forget_stale_workers
-from db.queue import SessionFactory, dispatch_stable_studies, first_instance_path, requeue_expired
+from db.queue import SessionFactory, requeue_expired
 from db.retention import PurgeReport, purge_expired
 from node.send.breaker import CircuitBreaker
 from node.send.sender import send_due
 from node.settings import Settings
-from node.study.routing import make_planner, stable_seconds_for
+from node.study.completion import complete_studies
 
 log = logging.getLogger("ainode.scheduler")
-
-
-def complete_studies(settings: Settings, factory: SessionFactory,
-                     clock: Callable[[], datetime]) -> list[int]:
-    """Mark quiet studies complete and queue one job per (series, model)."""
-    planner = make_planner(settings.routes, settings.storage.dir,
-                           partial(first_instance_path, factory))
-    jobs = dispatch_stable_studies(factory, clock(), stable_seconds_for(settings.study), planner,
-                                   settings.workers.max_attempts)
-    if jobs:
-        log.info("queued job(s) %s", ",".join(map(str, jobs)))
-    return jobs
 
 
 def sweep_leases(factory: SessionFactory, clock: Callable[[], datetime]) -> list[int]:

@@ -8,7 +8,7 @@ SYSTEM_DEPS := /usr/sbin/Orthanc:orthanc /usr/bin/storescu:dcmtk /usr/bin/dciodv
   /usr/lib/postgresql/15/bin/postgres:postgresql-15 \
   /usr/bin/chromium:chromium /usr/bin/systemd-analyze:systemd
 
-.PHONY: run test lint typecheck pytest system-deps venv clean bench train
+.PHONY: run test lint typecheck pytest unit integration e2e system-deps venv clean bench train
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,10 +38,19 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) system-deps
-	$(BIN)/pytest
+# Tests in tiers, fastest first; a tier that fails stops the run.
+unit: $(STAMP)
+	$(BIN)/pytest tests/unit
 
-test: system-deps lint typecheck pytest
+integration: $(STAMP) system-deps
+	$(BIN)/pytest tests/integration
+
+e2e: $(STAMP) system-deps
+	$(BIN)/pytest tests/e2e
+
+pytest: unit integration e2e
+
+test: system-deps lint typecheck unit integration e2e
 
 # Benchmarks print numbers (they are not tests): ingest vs Orthanc and storescp,
 # inference per model, turnaround from last instance to results in the PACS.

@@ -8,14 +8,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
 
 from db.schema import Instance
 from node.receive.server import ReceiverServer, start_receiver
 from node.settings import DicomSettings, Settings, StorageSettings
 from node.store.ingest import BATCH_SECONDS, journal_dir
-
-Factory = sessionmaker[Session]
+from tests.conftest import Factory
 
 
 @contextmanager

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
 
 from db.admin import report_presence
 from db.audit import AuditEntry
@@ -37,8 +36,8 @@ from node.admin.secrets import hash_secret, verify_secret
 from node.errors import ConfigError
 from node.send.sender import EchoResult
 from node.settings import Destination, Settings, parse_settings
+from tests.conftest import Factory
 
-Factory = sessionmaker[Session]
 T0 = datetime(2026, 3, 1, 8, 0, 0)
 NOW = T0 + timedelta(minutes=10)
 ACCESSION = "ACC4711"

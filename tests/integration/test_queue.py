@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta
+from datetime import timedelta
 
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
 
-from db.engine import make_engine
 from db.queue import (
-    InstanceMeta,
-    JobPlan,
     ResultSpec,
-    SeriesInfo,
     claim_job,
     complete_job,
-    dispatch_stable_studies,
     due_results,
     fail_job,
     heartbeat,
@@ -29,34 +21,12 @@ from db.queue import (
     requeue_expired,
     skip_job,
 )
-from db.schema import Base, Job, JobStatus, ResultStatus, Series, Study
-
-Factory = sessionmaker[Session]
-T0 = datetime(2026, 1, 1, 12, 0, 0)
-
-
-def meta(sop: str, series: str = "1.2.3.1", study: str = "1.2.3", modality: str = "CT"
-         ) -> InstanceMeta:
-    return InstanceMeta(study_uid=study, series_uid=series, sop_uid=sop,
-                        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                        transfer_syntax="1.2.840.10008.1.2.1",
-                        path=f"instances/{sop}.dcm", size=10, calling_ae="TEST", modality=modality)
-
-
-def one_model(series: SeriesInfo) -> list[JobPlan]:
-    return [JobPlan(series_id=series.id, model="ct-lung", route="r", destinations=("pacs",))]
-
-
-def dispatch(factory: Factory, now: datetime, quiet: float = 60.0) -> list[int]:
-    return dispatch_stable_studies(factory, now, lambda _m: quiet, one_model, max_attempts=2)
+from db.schema import Job, JobStatus, ResultStatus, Series, Study
+from tests.conftest import T0, Factory, assert_schema_matches, dispatch, meta
 
 
 def test_migrations_match_declared_schema(db_url: str) -> None:
-    engine = make_engine(db_url)
-    with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
-    engine.dispose()
-    assert diff == []
+    assert_schema_matches(db_url)
 
 
 def test_sqlite_runs_in_wal_mode_with_full_sync(factory: Factory) -> None:

@@ -18,9 +18,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select, text
-from sqlalchemy.orm import Session, sessionmaker
 
-import tests.test_queue as sqlite_cases
+import tests.integration.test_queue as sqlite_cases
 from db.engine import make_engine, make_session_factory
 from db.migrate import upgrade
 from db.queue import (
@@ -34,6 +33,8 @@ from db.queue import (
     record_instance,
 )
 from db.schema import Instance, Job, JobStatus, Result, ResultStatus, Series
+from tests.conftest import T0, Factory, assert_schema_matches, dispatch, meta
+from tests.integration.test_migrations import check_destinations_become_json_lists
 from tests.peers import (
     CHEST_CT,
     NodeProcess,
@@ -52,12 +53,8 @@ from tests.pg import (  # noqa: F401
     pg_url_fixture,
     postgres_fixture,
 )
-from tests.test_migrations import check_destinations_become_json_lists
-from tests.test_queue import T0, dispatch, meta
 
-Factory = sessionmaker[Session]
-
-# Every queue state-machine test of tests/test_queue.py that takes the session factory.
+# Every queue state-machine test of tests/integration/test_queue.py that takes the session factory.
 QUEUE_CASES: list[Callable[[Factory], None]] = [
     sqlite_cases.test_duplicate_instance_is_recorded_once,
     sqlite_cases.test_study_completes_only_after_quiet_period,
@@ -78,7 +75,7 @@ def test_runs_on_postgresql_15(pg_factory: Factory) -> None:
 
 
 def test_migrations_match_declared_schema(pg_url: str) -> None:
-    sqlite_cases.test_migrations_match_declared_schema(pg_url)
+    assert_schema_matches(pg_url)
 
 
 def test_migrating_twice_and_concurrently_is_harmless(pg_url: str) -> None:
@@ -87,7 +84,7 @@ def test_migrating_twice_and_concurrently_is_harmless(pg_url: str) -> None:
         t.start()
     for t in threads:
         t.join()
-    sqlite_cases.test_migrations_match_declared_schema(pg_url)
+    assert_schema_matches(pg_url)
 
 
 def test_comma_joined_destinations_become_json_lists(postgres: PostgresServer) -> None:

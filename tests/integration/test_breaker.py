@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 from db.queue import (
     InstanceMeta,
@@ -27,10 +27,9 @@ from node.runtime.scheduler import make_scheduler
 from node.send.breaker import CircuitBreaker, State
 from node.send.sender import send_due
 from node.settings import Settings, parse_settings
+from tests.conftest import T0, Factory
 from tests.peers import SAMPLES, dcmtk_env, free_port, port_open, stop_process, wait_until
 
-Factory = sessionmaker[Session]
-T0 = datetime(2026, 1, 1, 12, 0, 0)
 SR_FILE = SAMPLES / "reference-seg-sr" / "sr_document_TID1500_highdicom.dcm"
 
 

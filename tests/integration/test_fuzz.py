@@ -22,16 +22,15 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
 
 from db.schema import Instance
 from node.receive.reactor import quiet_pynetdicom
 from node.receive.scp import StoreStatus
 from node.settings import DicomSettings
+from tests.conftest import Factory
 from tests.peers import CHEST_CT, SAMPLES, echoscu, free_port, storescu, wait_until
 from tests.receiver import running_receiver
 
-Factory = sessionmaker[Session]
 CT = sorted(CHEST_CT.glob("*.dcm"))[0]
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 RT_PLAN = "1.2.840.10008.5.1.4.1.1.481.5"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,8 @@ from db.engine import make_engine, make_session_factory
 from db.migrate import alembic_config, upgrade
 from db.queue import get_job
 from db.schema import Job
-from tests.test_queue import test_migrations_match_declared_schema
+from tests.conftest import T0, assert_schema_matches
 
-T0 = datetime(2026, 1, 1, 12, 0, 0)
 JOB_DESTINATIONS = {1: "pacs,backup", 2: "", 3: "pacs"}
 """``jobs.destinations`` as revision 0003 stored it (comma-joined)."""
 
@@ -72,12 +70,12 @@ def check_destinations_become_json_lists(url: str) -> None:
     job = get_job(factory, 1)
     assert job is not None and job.destinations == ("pacs", "backup")
     engine.dispose()
-    test_migrations_match_declared_schema(url)
+    assert_schema_matches(url)
 
     command.downgrade(alembic_config(url), "0003")
     assert _stored_text(url) == JOB_DESTINATIONS
     upgrade(url)
-    test_migrations_match_declared_schema(url)
+    assert_schema_matches(url)
 
 
 def test_comma_joined_destinations_become_json_lists(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session, sessionmaker
 
 from db.audit import AuditEntry
 from db.queue import (
@@ -30,9 +29,8 @@ from db.schema import Instance, Job, Result, Series, Study
 from node.runtime.scheduler import make_scheduler
 from node.settings import Settings
 from node.store.files import durable_write, instance_path, result_path
+from tests.conftest import T0, Factory
 
-Factory = sessionmaker[Session]
-T0 = datetime(2026, 1, 1, 12, 0, 0)
 DONE_AT = T0 + timedelta(minutes=2)
 LATER = T0 + timedelta(days=31)
 DAYS = 30.0

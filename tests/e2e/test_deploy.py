@@ -39,7 +39,7 @@ from tests.peers import (
 )
 from tests.receiver import running_receiver
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 UNITS = ("ainode.service", "ainode-worker@.service")
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")

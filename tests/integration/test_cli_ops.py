@@ -9,18 +9,17 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
 from db.audit import AuditEntry
 from node.cli.main import app
 from node.runtime.clock import utcnow
 from node.settings import DicomSettings
+from tests.conftest import Factory
+from tests.integration.test_admin_api import ACCESSION, seed
 from tests.peers import free_port
 from tests.receiver import running_receiver
-from tests.test_admin_api import ACCESSION, seed
 
-Factory = sessionmaker[Session]
 runner = CliRunner()
 
 

@@ -59,7 +59,7 @@ from node.results.selection import (
     with_requirements,
 )
 from node.settings import Settings, parse_settings
-from tests.test_results import (
+from tests.integration.test_results import (
     ANATOMY,
     ATTENUATION,
     HU,

@@ -14,8 +14,8 @@ from pydicom.uid import generate_uid
 from sqlalchemy import create_engine
 
 from node.settings import LoggingSettings
+from tests.e2e.test_e2e import assert_delivered_once, config_for
 from tests.peers import CHEST_CT, Orthanc, start_node, storescu
-from tests.test_e2e import assert_delivered_once, config_for
 
 pytestmark = pytest.mark.e2e
 NAME, PATIENT_ID = "PHI^CANARY", "CANARY-ID"

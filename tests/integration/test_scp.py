@@ -17,12 +17,12 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
 
 from db.schema import Instance
 from node.receive.reactor import EventDrivenAssociation, check_supported, store_response_command
 from node.receive.scp import file_meta_header
 from node.settings import DicomSettings, StorageSettings
+from tests.conftest import Factory
 from tests.peers import (
     CHEST_CT,
     SAMPLES,
@@ -33,8 +33,6 @@ from tests.peers import (
     wait_until,
 )
 from tests.receiver import running_receiver, settled_count
-
-Factory = sessionmaker[Session]
 
 
 @contextmanager

@@ -29,7 +29,6 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import make_engine, make_session_factory
 from db.queue import ResultSpec, claim_job, complete_job, record_instance
@@ -45,6 +44,7 @@ from node.settings import (
     parse_settings,
 )
 from node.tls import client_context, server_context
+from tests.conftest import T0, Factory, dispatch, meta
 from tests.peers import (
     CHEST_CT,
     SAMPLES,
@@ -59,9 +59,7 @@ from tests.peers import (
     write_config,
 )
 from tests.receiver import running_receiver, settled_count
-from tests.test_queue import T0, dispatch, meta
 
-Factory = sessionmaker[Session]
 CT = sorted(CHEST_CT.glob("*.dcm"))
 SR_FILE = SAMPLES / "reference-seg-sr" / "sr_document_TID1500_highdicom.dcm"
 

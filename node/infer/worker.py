@@ -46,7 +46,7 @@ from node.results import (
 )
 from node.runtime.faults import crash_point
 from node.settings import Settings
-from node.store.files import durable_write, result_path
+from node.store.files import result_path, write_file
 
 log = logging.getLogger("ainode.worker")
 
@@ -243,6 +243,6 @@ class Worker:
         """Write one result object durably under the storage folder; its outbox entry."""
         ds = obj.dataset
         rel = result_path(job_id, obj.kind, str(ds.SOPInstanceUID))
-        durable_write(self.settings.storage.dir, rel, encode(ds))
+        write_file(self.settings.storage.dir, rel, encode(ds))
         return ResultSpec(kind=obj.kind, sop_class_uid=str(ds.SOPClassUID),
                           sop_instance_uid=str(ds.SOPInstanceUID), path=str(rel))

@@ -119,6 +119,3 @@ def remove_temp_files(root: Path) -> int:
                 count += 1
     return count
 
-
-def durable_write(root: Path, rel: Path, data: Buffer) -> int:  # TODO(arch): callers to write_file
-    return write_file(root, rel, data)

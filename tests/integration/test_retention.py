@@ -28,7 +28,7 @@ from db.retention import _remove_files, purge_expired
 from db.schema import Instance, Job, Result, Series, Study
 from node.runtime.scheduler import make_scheduler
 from node.settings import Settings
-from node.store.files import durable_write, instance_path, result_path
+from node.store.files import instance_path, result_path, write_file
 from tests.conftest import T0, Factory
 
 DONE_AT = T0 + timedelta(minutes=2)
@@ -44,7 +44,7 @@ def ingest(factory: Factory, root: Path, study: str, count: int = 2,
     for n in range(first, first + count):
         sop = f"{series}.{n}"
         rel = instance_path(study, series, sop)
-        durable_write(root, rel, b"DICM")
+        write_file(root, rel, b"DICM")
         record_instance(factory, InstanceMeta(
             study_uid=study, series_uid=series, sop_uid=sop,
             sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax="1.2.840.10008.1.2.1",
@@ -67,7 +67,7 @@ def run_job(factory: Factory, root: Path, uid: str) -> list[Path]:
     job = claim_job(factory, "w1", DONE_AT, 60)
     assert job is not None
     rel = result_path(job.id, "SC", uid)
-    durable_write(root, rel, b"RESULT")
+    write_file(root, rel, b"RESULT")
     assert complete_job(factory, job.id, "w1", DONE_AT,
                         [ResultSpec("SC", "1.2.840.10008.5.1.4.1.1.7", uid, str(rel))], 1.0)
     return [root / rel]

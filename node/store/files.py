@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 
 from node.errors import InvalidInstance, StorageError, StorageFull
-from node.store.journal import Buffer, Payload, parts_of
+from node.store.journal import Payload, parts_of
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 INSTANCES = "instances"

@@ -16,6 +16,7 @@ import math
 import warnings
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 from highdicom.sr import CodedConcept
 from pydicom import config
@@ -155,6 +156,20 @@ def _check_lo(name: str, value: str, *, required: bool = True) -> None:
         raise ValueError(f"{name} must be at most {_LO_MAX} characters without '\\': {value!r}")
 
 
+class Identity(TypedDict):
+    """What identifies one result object and its maker (highdicom's constructor arguments)."""
+
+    series_instance_uid: str
+    series_number: int
+    sop_instance_uid: str
+    instance_number: int
+    series_description: str
+    manufacturer: str
+    manufacturer_model_name: str
+    software_versions: str
+    device_serial_number: str
+
+
 @dataclass(frozen=True)
 class ResultContext:
     """What every result object of one job needs besides the sources and the prediction.
@@ -222,6 +237,22 @@ class ResultContext:
     def series_description(self, kind: ResultKind | str) -> str:
         """Series Description of this job's result of ``kind``."""
         return series_description(self.model_name, self.model_version, kind)
+
+    def identity(self, kind: ResultKind | str, number: int = 1) -> Identity:
+        """The identifying arguments every highdicom constructor takes, for image ``number``
+        (1-based) of this job's result of ``kind``: UIDs, numbers, description, device."""
+        series_uid, _ = self.uids(kind)
+        return {
+            "series_instance_uid": series_uid,
+            "series_number": self.series_number(kind),
+            "sop_instance_uid": self.instance_uid(kind, number),
+            "instance_number": number,
+            "series_description": self.series_description(kind),
+            "manufacturer": self.manufacturer,
+            "manufacturer_model_name": self.model_name,
+            "software_versions": self.software_version,
+            "device_serial_number": self.device_serial_number,
+        }
 
     def job_uid(self, *parts: str) -> UID:
         """A UID that depends on the seed and ``parts`` (e.g. a segment's tracking UID)."""

@@ -162,7 +162,6 @@ def build_heatmap_seg(
     pixel_array = _pixel_array(prediction.heatmaps)
     # highdicom cannot omit every frame: keep them all when every map is zero.
     omit_empty = bool(np.any(pixel_array > 0.0))
-    series_uid, sop_uid = ctx.uids(ResultKind.HEATMAP)
     with no_patient_name_warning():
         seg = hd.seg.Segmentation(
             source_images=headers,
@@ -171,18 +170,10 @@ def build_heatmap_seg(
             fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
             max_fractional_value=MAX_FRACTIONAL_VALUE,
             segment_descriptions=descriptions,
-            series_instance_uid=series_uid,
-            series_number=ctx.series_number(ResultKind.HEATMAP),
-            sop_instance_uid=sop_uid,
-            instance_number=1,
-            manufacturer=ctx.manufacturer,
-            manufacturer_model_name=ctx.model_name,
-            software_versions=ctx.software_version,
-            device_serial_number=ctx.device_serial_number,
-            series_description=ctx.series_description(ResultKind.HEATMAP),
             content_label=CONTENT_LABEL,
             content_description=CONTENT_DESCRIPTION,
             omit_empty_frames=omit_empty,
+            **ctx.identity(ResultKind.HEATMAP),
         )
     _add_patient_orientation(seg, headers[0])
     drop_unreadable_pixel_measures(seg)

@@ -632,7 +632,6 @@ def sc_dataset(
     ``source`` is the header (a :func:`~node.results.common.source_headers` copy) of
     the image the key image shows, ``frame`` its frame number in a multi-frame source.
     """
-    series_uid, _ = ctx.uids(ResultKind.SC)
     orientation = patient_orientation(source, volume)
     with no_patient_name_warning():
         sc = hd.sc.SCImage(
@@ -641,18 +640,10 @@ def sc_dataset(
             bits_allocated=8,
             coordinate_system=hd.CoordinateSystemNames.PATIENT,
             study_instance_uid=source.StudyInstanceUID,
-            series_instance_uid=series_uid,
-            series_number=ctx.series_number(ResultKind.SC),
-            sop_instance_uid=ctx.instance_uid(ResultKind.SC, number),
-            instance_number=number,
-            manufacturer=ctx.manufacturer,
             # Replaced below: highdicom accepts only single letters here, and the
             # attribute is Type 2 (empty when the source has no orientation).
             patient_orientation=("L", "F"),
-            series_description=ctx.series_description(ResultKind.SC),
-            manufacturer_model_name=ctx.model_name,
-            software_versions=ctx.software_version,
-            device_serial_number=ctx.device_serial_number,
+            **ctx.identity(ResultKind.SC, number),
         )
     sc.update(patient_study_elements(source))
     sc.PatientOrientation = orientation  # type: ignore[assignment]  # None: empty, Type 2

@@ -170,7 +170,6 @@ def build_seg(
     descriptions = [
         _segment_description(segment, numbering[segment.number], ctx) for segment in ordered
     ]
-    series_uid, sop_uid = ctx.uids(ResultKind.SEG)
     model_text = f"{ctx.model_name} {ctx.model_version}"
     with no_patient_name_warning():
         seg = hd.seg.Segmentation(
@@ -178,18 +177,10 @@ def build_seg(
             pixel_array=pixel_array,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
-            series_instance_uid=series_uid,
-            series_number=ctx.series_number(ResultKind.SEG),
-            sop_instance_uid=sop_uid,
-            instance_number=1,
-            manufacturer=ctx.manufacturer,
-            manufacturer_model_name=ctx.model_name,
-            software_versions=ctx.software_version,
-            device_serial_number=ctx.device_serial_number,
-            series_description=ctx.series_description(ResultKind.SEG),
             content_label=_content_label(ctx.model_name),
             content_description=f"AI segmentation by {model_text}, not verified"[:_LO_MAX],
             omit_empty_frames=True,
+            **ctx.identity(ResultKind.SEG),
         )
     _add_patient_orientation(seg, headers[0])
     drop_unreadable_pixel_measures(seg)

@@ -479,23 +479,14 @@ def build_sr(
     evidence: list[Dataset] = list(headers)
     if referenced_seg is not None:
         evidence.append(referenced_seg)
-    series_uid, sop_uid = ctx.uids(ResultKind.SR)
     with no_patient_name_warning():
         sr = hd.sr.Comprehensive3DSR(
             evidence=evidence,
             content=report,
-            series_instance_uid=series_uid,
-            series_number=ctx.series_number(ResultKind.SR),
-            sop_instance_uid=sop_uid,
-            instance_number=1,
-            manufacturer=ctx.manufacturer,
             is_complete=True,
             is_final=False,
             is_verified=False,
-            series_description=ctx.series_description(ResultKind.SR),
-            manufacturer_model_name=ctx.model_name,
-            software_versions=ctx.software_version,
-            device_serial_number=ctx.device_serial_number,
+            **ctx.identity(ResultKind.SR),
         )
     identify_local_schemes(sr, sr.ContentSequence)
     return sr

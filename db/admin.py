@@ -466,36 +466,38 @@ RETRYABLE = frozenset({JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.SKIPPED}
 CANCELLABLE = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
 
 
+def _change_status(s: Session, job_id: int, allowed: frozenset[JobStatus], to: JobStatus,
+                   refusal: str, action: str, actor: str, now: datetime) -> Job:
+    """Move a job from one of ``allowed`` to ``to``, audited; else :class:`Conflict`."""
+    job = _job_for_update(s, job_id)
+    if job.status not in allowed:
+        raise Conflict(f"job {job_id} is {job.status.value}: {refusal}")
+    _audit(s, now, actor, action, f"job {job_id}", f"was {job.status.value}")
+    job.status = to
+    return job
+
+
 def retry_job(factory: SessionFactory, job_id: int, actor: str, now: datetime) -> None:
     """Queue a failed, cancelled or skipped job again with fresh attempts."""
     with factory.begin() as s:
-        job = _job_for_update(s, job_id)
-        if job.status not in RETRYABLE:
-            raise Conflict(f"job {job_id} is {job.status.value}: only failed, cancelled or "
-                           "skipped jobs can be retried (use re-send for a done job)")
-        previous = job.status.value
-        job.status = JobStatus.QUEUED
+        job = _change_status(s, job_id, RETRYABLE, JobStatus.QUEUED,
+                             "only failed, cancelled or skipped jobs can be retried "
+                             "(use re-send for a done job)", "retry", actor, now)
         job.attempts = 0
         job.not_before = None
         job.started_at = None
         job.finished_at = None
         job.last_error = None
-        _audit(s, now, actor, "retry", f"job {job_id}", f"was {previous}")
 
 
 def cancel_job(factory: SessionFactory, job_id: int, actor: str, now: datetime) -> None:
     """Cancel a queued or running job (a running job's worker loses its lease fence)."""
     with factory.begin() as s:
-        job = _job_for_update(s, job_id)
-        if job.status not in CANCELLABLE:
-            raise Conflict(f"job {job_id} is {job.status.value}: only queued or running jobs "
-                           "can be cancelled")
-        previous = job.status.value
-        job.status = JobStatus.CANCELLED
+        job = _change_status(s, job_id, CANCELLABLE, JobStatus.CANCELLED,
+                             "only queued or running jobs can be cancelled", "cancel", actor, now)
         job.finished_at = now
         job.lease_owner = None
         job.lease_expires_at = None
-        _audit(s, now, actor, "cancel", f"job {job_id}", f"was {previous}")
 
 
 def resend_job(factory: SessionFactory, job_id: int, destination: str, actor: str,

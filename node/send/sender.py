@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.status import GENERAL_STATUS, Status
 
 from db.queue import ResultRecord, SessionFactory, claim_results, mark_send_failed, mark_sent
 from node.dimse import VERIFICATION
@@ -34,8 +35,11 @@ from node.tls import client_context
 
 log = logging.getLogger("ainode.sender")
 
-# Statuses that will not change by retrying: the destination refuses this object.
-PERMANENT_STATUSES = frozenset({0x0122, 0x0124, 0x0211, 0x0117})
+PERMANENT = frozenset({"Refused: SOP Class Not Supported", "Refused: Not Authorised",
+                       "Unrecognised Operation", "Invalid Object Instance"})
+PERMANENT_STATUSES = frozenset(code for code, (_category, meaning) in GENERAL_STATUS.items()
+                               if meaning in PERMANENT)
+"""Statuses that will not change by retrying: the destination refuses this object (PS3.7 C)."""
 CLAIM_BATCH = 16
 """Results claimed per round; the lease covers one network timeout per result."""
 
@@ -86,7 +90,7 @@ def echo(dest: Destination, calling: str, timeout: float = 10.0,
         status = assoc.send_c_echo()
     finally:
         assoc.release()
-    if status and status.Status == 0x0000:
+    if status and status.Status == Status.SUCCESS:
         return EchoResult(True, "C-ECHO success")
     code = f"0x{status.Status:04X}" if status else "no response"
     return EchoResult(False, f"C-ECHO failed: {code}")
@@ -102,7 +106,7 @@ def _store(assoc: Association, path: str) -> None:
     if not status or "Status" not in status:
         raise SendError("no response to C-STORE (timeout or abort)")
     code = int(status.Status)
-    if code == 0x0000 or code & 0xF000 == 0xB000:
+    if code == Status.SUCCESS or code & 0xF000 == 0xB000:  # storage warnings: Bxxx (PS3.4 B.2.3)
         return
     raise SendError(f"C-STORE status 0x{code:04X}", retryable=code not in PERMANENT_STATUSES)
 

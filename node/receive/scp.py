@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import re
 import struct
+import zlib
 from dataclasses import dataclass, replace
 from enum import IntEnum
 from io import BytesIO
@@ -124,20 +125,46 @@ def received_bytes(req: C_STORE) -> BytesIO:
     return req.DataSet
 
 
-def received_dataset(event: Event) -> Dataset:
+def inflate(data: memoryview | bytes, max_bytes: int) -> bytes:
+    """A deflated data set's bytes, refused once they would pass ``max_bytes`` (a deflate bomb).
+
+    The limit holds before memory is committed: at most ``max_bytes + 1`` bytes are
+    ever produced.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = inflater.decompress(data, max_bytes + 1)
+    if len(out) > max_bytes or inflater.unconsumed_tail:
+        raise InstanceTooLarge(f"deflated data set inflates beyond {max_bytes} bytes "
+                               "(dicom.max_instance_mb)")
+    return out
+
+
+def received_dataset(event: Event, max_bytes: int) -> tuple[Dataset, int]:
     """The received data set's attributes, its large values (pixel data) left unread.
 
     The node stores the bytes as received and only needs a dozen attributes and
     the pixel data's length; decoding the pixel data too was a copy of the whole
-    instance. Deflated data sets are inflated by pynetdicom as usual.
+    instance. A deflated data set is inflated within ``max_bytes``. A data set that
+    holds File Meta Information elements (group 0002) is refused: stored as
+    received, they would reinterpret the file (a Transfer Syntax UID among them
+    overrides the node's own when the file is read). Also returns the length of the
+    decoded bytes (inflated, when deflated), which bounds what the values can hold.
     """
     syntax = uid.UID(str(event.context.transfer_syntax))
-    if syntax == DeflatedExplicitVRLittleEndian:
-        return event.dataset
     stream = received_bytes(store_request(event))
+    if syntax == DeflatedExplicitVRLittleEndian:
+        stream = BytesIO(inflate(stream.getbuffer(), max_bytes))
     stream.seek(0)
-    return read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian,
-                        defer_size=DEFER_BYTES)
+    try:
+        ds = read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian,
+                          defer_size=DEFER_BYTES)
+    except Exception as exc:
+        raise InvalidInstance(f"cannot decode dataset: {type(exc).__name__}") from exc
+    first = min(ds.keys(), default=None)  # tags only: no deferred value is read
+    if first is not None and first.group <= 0x0002:
+        raise InvalidInstance("the data set holds command or File Meta Information elements "
+                              "(group 0000 or 0002)")
+    return ds, len(stream.getbuffer())
 
 
 def check_pixel_data(ds: Dataset, transfer_syntax: str, encoded_length: int | None = None
@@ -251,14 +278,11 @@ def handle_store(event: Event, ctx: StoreContext) -> int:
     req = store_request(event)
     try:
         ensure_free_space(ctx.storage.dir, ctx.storage.min_free_mb)
-        try:
-            ds = received_dataset(event)
-        except Exception as exc:
-            raise InvalidInstance(f"cannot decode dataset: {type(exc).__name__}") from exc
+        ds, decoded_length = received_dataset(event, ctx.max_instance_bytes)
         crash_point("scp.received")
         meta = read_meta(ds, str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID))
         parts = part10(event)  # [file meta header, the data set as received]
-        check_pixel_data(ds, str(event.context.transfer_syntax), len(parts[1]))
+        check_pixel_data(ds, str(event.context.transfer_syntax), decoded_length)
         size = sum(len(p) for p in parts)
         if size > ctx.max_instance_bytes:
             raise InstanceTooLarge(f"instance of {size} bytes exceeds dicom.max_instance_mb")

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import random
 import re
+import struct
+import tracemalloc
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +21,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from sqlalchemy import select
@@ -117,6 +120,21 @@ def _truncate(fraction: float) -> Callable[[bytearray, int], None]:
     return change
 
 
+def _insert_file_meta(syntax: str) -> Callable[[bytearray, int], None]:
+    """A (0002,0010) Transfer Syntax UID element inside the data set itself.
+
+    Placed after the data set's first element (a short-VR one), so that readers of
+    the crafted file (the sender) take it as data set, not as its file meta.
+    """
+    value = syntax.encode() + (b"\x00" if len(syntax) % 2 else b"")
+
+    def change(data: bytearray, start: int) -> None:
+        first_end = start + 8 + int.from_bytes(data[start + 6:start + 8], "little")
+        data[first_end:first_end] = struct.pack("<HH2sH", 0x0002, 0x0010, b"UI",
+                                                len(value)) + value
+    return change
+
+
 def _flip(seed: int) -> Callable[[bytearray, int], None]:
     def change(data: bytearray, start: int) -> None:
         rng = random.Random(seed)
@@ -181,6 +199,9 @@ CASES = [
     Case("truncated-header", raw(_truncate(0.001)), CANNOT_UNDERSTAND),
     Case("truncated-in-pixels", raw(_truncate(0.6)), CANNOT_UNDERSTAND),
     Case("truncated-to-meta", raw(_truncate(0.0)), CANNOT_UNDERSTAND),
+    # Stored as received, it would make every later read of the file inflate it.
+    Case("file-meta-in-data-set", raw(_insert_file_meta(DeflatedExplicitVRLittleEndian)),
+         CANNOT_UNDERSTAND),
     *(Case(f"random-header-bytes-{seed}", raw(_flip(seed)), ANY) for seed in range(40)),
     *(Case(f"sample-{name}", _sample(f"malformed/{name}.dcm"), ANY) for name in (
         "966_bad_J2K_COM_marker", "ELSCINT1_JP2vsJ2K", "JPEG2000-embedded-sequence-delimiter",
@@ -284,3 +305,57 @@ def test_malformed_samples_with_storescu_get_statuses(scp: tuple[int, Path]) -> 
     assert "OutOfResources" not in out.stderr
     assert echoscu(port) == 0
     assert storescu(port, CT).returncode == 0
+
+
+def deflate_bomb(path: Path, inflated_mb: int) -> Path:
+    """A CT whose deflated data set is small but inflates to ``inflated_mb`` MiB of pixels."""
+    ds = ct()
+    side = int((inflated_mb * 2**20 // 2) ** 0.5)
+    ds.Rows = ds.Columns = side
+    del ds.PixelData
+    head = pydicom.filebase.DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    pydicom.filewriter.write_dataset(head, ds)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    body = [deflater.compress(head.getvalue()),
+            deflater.compress(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, side * side * 2))]
+    zeros = bytes(2**20)
+    for _ in range(side * side * 2 // len(zeros)):
+        body.append(deflater.compress(zeros))
+    body.append(deflater.compress(bytes(side * side * 2 % len(zeros))))
+    body.append(deflater.flush())
+    meta = Dataset()
+    meta.update(ds.file_meta)
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    out = pydicom.filebase.DicomBytesIO()
+    pydicom.filewriter.write_file_meta_info(out, pydicom.dataset.FileMetaDataset(meta))
+    path.write_bytes(b"\x00" * 128 + b"DICM" + out.getvalue() + b"".join(body))
+    return path
+
+
+def test_deflate_bomb_is_refused_before_it_inflates(tmp_path: Path, factory: Factory) -> None:
+    """Inflated size counts against dicom.max_instance_mb, checked as it inflates."""
+    quiet_pynetdicom()
+    bomb = deflate_bomb(tmp_path / "bomb.dcm", 512)
+    assert bomb.stat().st_size < 2 * 2**20  # under 2 MB on the wire
+    port = free_port()
+    with running_receiver(tmp_path / "store", factory, DicomSettings(host="127.0.0.1", port=port),
+                          max_instance_mb=16):
+        ae = AE(ae_title="BOMBER")
+        ae.add_requested_context(str(pydicom.dcmread(CT).SOPClassUID),
+                                 DeflatedExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", port, ae_title="AINODE")
+        assert assoc.is_established
+        tracemalloc.start()
+        try:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+                status = assoc.send_c_store(bomb)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+            assoc.release()
+        assert status.Status == 0xA700  # out of resources: larger than allowed
+        assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB allocated for a 512 MiB bomb"
+        assert echoscu(port) == 0
+    assert stored(factory) == set()

@@ -246,6 +246,8 @@ def dispatch_stable_studies(
     stable_seconds: Callable[[Sequence[str]], float],
     plan: Callable[[SeriesInfo], list[JobPlan]],
     max_attempts: int,
+    held: Collection[str] = (),
+    problems: dict[str, str] | None = None,
 ) -> list[int]:
     """Complete every study quiet for long enough and queue its jobs.
 
@@ -254,6 +256,10 @@ def dispatch_stable_studies(
     files, so it runs outside any write transaction). Each study is then completed
     in its own transaction, unless an instance arrived meanwhile. Returns the ids
     of the jobs created.
+
+    Studies in ``held`` (UIDs: instances received but not yet recorded) are not
+    completed now. A study whose planning raises is left pending, its reason put in
+    ``problems`` (study UID -> reason); the other studies go on.
     """
     with reading(factory) as s:
         studies = s.scalars(
@@ -261,7 +267,10 @@ def dispatch_stable_studies(
             .where(Study.id.in_(select(Series.study_id).where(Series.pending.is_(True))))
         ).all()
         work: list[tuple[int, datetime, list[tuple[SeriesInfo, list[JobPlan]]]]] = []
+        uids: dict[int, str] = {}
         for study in studies:
+            if study.study_uid in held:
+                continue
             rows = s.scalars(select(Series).where(Series.study_id == study.id)).all()
             quiet = stable_seconds([row.modality for row in rows])
             if study.last_received_at > now - timedelta(seconds=quiet):
@@ -272,11 +281,19 @@ def dispatch_stable_studies(
                                  series_description=row.series_description, run=row.runs + 1)
                       for row in rows if row.pending]
             work.append((study.id, study.last_received_at, [(info, []) for info in series]))
-    for _, _, items in work:
-        for info, plans in items:
-            plans.extend(plan(info))
-    created: list[int] = []
+            uids[study.id] = study.study_uid
+    planned = []
     for study_id, last_received, items in work:
+        try:
+            for info, plans in items:
+                plans.extend(plan(info))
+        except Exception as exc:  # one unreadable study must not stop every other one
+            if problems is not None:
+                problems[uids[study_id]] = f"{type(exc).__name__}: {exc}"[:500]
+            continue
+        planned.append((study_id, last_received, items))
+    created: list[int] = []
+    for study_id, last_received, items in planned:
         with factory.begin() as s:
             current = s.get(Study, study_id, with_for_update=_is_postgresql(s))
             if current is None or current.last_received_at != last_received:

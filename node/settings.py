@@ -89,6 +89,10 @@ class DicomSettings(_Section):
     acceptors: Annotated[int, Field(ge=1, le=64)] = 1
     """Processes receiving associations; more than 1 spreads them over cores (one per core)."""
     network_timeout: Annotated[float, Field(gt=0)] = 60.0
+    association_request_timeout: Annotated[float, Field(gt=0)] = 10.0
+    """Seconds from a connection to its whole association request; then it is closed."""
+    max_associations_per_address: Annotated[int, Field(ge=1)] = 16
+    """Concurrent connections from one source address (per acceptor process)."""
     fast_path: bool = True
     """pynetdicom's association loops made event-driven (node/receive/reactor.py); false runs
     pynetdicom's stock (polling) loops, in one receiving process (dicom.acceptors is ignored)."""

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from db.schema import Instance
 from node.receive.server import ReceiverServer, start_receiver
 from node.settings import DicomSettings, Settings, StorageSettings
-from node.store.ingest import BATCH_SECONDS, journal_dir
+from node.store.ingest import BATCH_SECONDS, Ingest, journal_dir
 from tests.conftest import Factory
 
 
@@ -21,11 +21,21 @@ def running_receiver(root: Path, factory: Factory, dicom: DicomSettings, *,
                      min_free_mb: int = 1, max_instance_mb: float = 2048.0
                      ) -> Iterator[ReceiverServer]:
     """``start_receiver`` on ``root``; stopped (and its journal emptied) on exit."""
+    with running_ingest(root, factory, dicom, min_free_mb=min_free_mb,
+                        max_instance_mb=max_instance_mb) as (_ingest, server):
+        yield server
+
+
+@contextmanager
+def running_ingest(root: Path, factory: Factory, dicom: DicomSettings, *,
+                   min_free_mb: int = 1, max_instance_mb: float = 2048.0
+                   ) -> Iterator[tuple[Ingest, ReceiverServer]]:
+    """:func:`running_receiver`, also giving its ingest."""
     settings = Settings(dicom=dicom.model_copy(update={"max_instance_mb": max_instance_mb}),
                         storage=StorageSettings(dir=root, min_free_mb=min_free_mb))
     ingest, server = start_receiver(settings, factory, journal_dir(root, "test"))
     try:
-        yield server
+        yield ingest, server
     finally:
         server.shutdown()
         ingest.stop()

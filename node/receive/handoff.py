@@ -64,9 +64,10 @@ class HandoffServer(ReceiverServer):
 
     def verify_request(self, request: socket.socket | tuple[bytes, socket.socket],
                        client_address: PeerAddress) -> bool:
-        return True  # checked by the serve process before the handoff
+        return self.admit(client_address)  # allowed_networks: checked by the serve process
 
-    def association_finished(self) -> None:
+    def association_ended(self, client_address: PeerAddress) -> None:
+        super().association_ended(client_address)
         self.report(ENDED)
 
     def report_outcome(self, outcome: str) -> None:

@@ -39,6 +39,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar, cast
 
 import pydicom.config
@@ -70,6 +71,12 @@ P_DATA_TF_TYPE = 0x04
 P_DATA_TF_EVENT = "Evt10"
 """PS3.8 9.2 state machine event: P-DATA-TF PDU received."""
 IDLE_WAKE = 0.01
+READ_CHUNK = 4 * 2**20
+"""A PDU's buffer starts at most this large and grows as its bytes arrive."""
+CONTROL_PDU_MAX = 2**20
+"""Largest PDU other than P-DATA-TF (an association request with many contexts is ~64 KiB)."""
+PDU_SLACK = 2**20
+"""With ``dicom.max_pdu = 0``, a P-DATA-TF PDU may exceed the largest instance by this much."""
 """Longest a thread sleeps without a signal (timers: ARTIM, network timeout)."""
 
 
@@ -132,10 +139,28 @@ class _Wakeup:
             os.eventfd_read(self.fd)
 
 
+@dataclass(frozen=True)
+class ReadLimits:
+    """What a peer may send before anything is committed for it."""
+
+    max_pdu: int = 0
+    """Largest P-DATA-TF PDU (``dicom.max_pdu``); 0: ``max_instance`` plus some slack."""
+    max_instance: int = 2048 * 2**20
+    request_timeout: float = 10.0
+    """Seconds from the connection to the whole association request (ARTIM, PS3.8 9.1.5)."""
+    network_timeout: float = 60.0
+
+    def for_pdu(self, pdu_type: int) -> int:
+        if pdu_type == P_DATA_TF_TYPE:
+            return self.max_pdu or self.max_instance + PDU_SLACK
+        return CONTROL_PDU_MAX
+
+
 class EventDrivenDUL(DULServiceProvider):
     """pynetdicom's DUL reactor, waiting on its socket and an eventfd instead of sleeping."""
 
     _wakeup: _Wakeup
+    limits: ReadLimits = ReadLimits()
 
     def _install(self) -> None:
         self._wakeup = _Wakeup()
@@ -148,6 +173,61 @@ class EventDrivenDUL(DULServiceProvider):
 
     def run(self) -> None:  # the thread was built with the stock loop as its target
         self.run_reactor()
+
+    def _read_pdu_data(self) -> None:
+        """pynetdicom's PDU read, refusing a PDU longer than allowed before reading it.
+
+        The length is checked against :attr:`limits` (``dicom.max_pdu`` for P-DATA,
+        a small bound for the other PDUs) as soon as the 6-byte header is in: a
+        peer that claims 4 GiB is aborted (Evt19) instead of being read. The first
+        PDU (the association request) must arrive whole by the socket's deadline;
+        after it, reads wait up to the network timeout again.
+        """
+        sock = cast(LargeReadSocket, self.socket)
+        try:
+            header = sock.recv(6)
+        except (OSError, TimeoutError):
+            self._connection_lost()
+            return
+        if len(header) != 6:
+            self._connection_lost()
+            return
+        pdu_type, _, pdu_length = struct.unpack(">BBL", header)
+        limit = self.limits.for_pdu(pdu_type)
+        if pdu_length > limit:
+            log.warning("PDU of type 0x%02X claims %d bytes, more than the %d allowed: "
+                        "aborting the association", pdu_type, pdu_length, limit)
+            self.event_queue.put("Evt19")  # invalid PDU: A-ABORT
+            return
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            self.event_queue.put("Evt19")
+            return
+        try:
+            body = sock.recv(pdu_length)
+        except (OSError, TimeoutError):
+            self._connection_lost()
+            return
+        if len(body) != pdu_length:
+            self._connection_lost()
+            return
+        if sock.deadline is not None:  # the association request is in: no total limit now
+            sock.deadline = None
+            cast(socket.socket, sock.socket).settimeout(self.limits.network_timeout)
+        try:
+            pdu, event = self._decode_pdu(header + body)
+        except Exception:
+            log.warning("unable to decode a received PDU of type 0x%02X", pdu_type)
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
+
+    def _connection_lost(self) -> None:
+        """Evt17; before any request, also wake the association thread that waits for one."""
+        self.event_queue.put("Evt17")
+        sock = cast(LargeReadSocket, self.socket)
+        if sock.deadline is not None:
+            self.to_user_queue.put(None)  # type: ignore[arg-type]  # None: "no request"
 
     def kill_dul(self) -> None:
         super().kill_dul()
@@ -330,26 +410,40 @@ class EventDrivenAssociation(Association):
 
 
 class LargeReadSocket(AssociationSocket):
-    """pynetdicom's socket wrapper, reading a PDU in as few calls as the kernel allows.
+    """pynetdicom's socket wrapper, reading a PDU in few calls, memory only as bytes arrive.
 
     The stock ``recv`` reads 4096 bytes per call and appends each piece: about
-    130 calls and copies for one 512x512 CT slice. Here the bytes go straight
-    into one buffer of the PDU's size.
+    130 calls and copies for one 512x512 CT slice. Here the bytes go into one
+    buffer that starts at :data:`READ_CHUNK` at most and doubles as data actually
+    arrives, so a peer that only *claims* a large PDU commits no memory. Until
+    ``deadline`` (monotonic seconds) is cleared, every read must end by then: the
+    association request has a total time limit, however slowly its bytes trickle.
     """
+
+    deadline: float | None = None
+
+    def _bound_by_deadline(self, sock: socket.socket) -> None:
+        if self.deadline is None:
+            return
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("association request not received in time")
+        sock.settimeout(remaining)
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = cast(socket.socket, self.socket)
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
+        buffer = bytearray(min(nr_bytes, READ_CHUNK))
         got = 0
         while got < nr_bytes:
-            count = sock.recv_into(view[got:], nr_bytes - got)
+            if got == len(buffer):  # full: grow, by no more than has arrived so far
+                buffer.extend(bytes(min(len(buffer), nr_bytes - got)))
+            self._bound_by_deadline(sock)
+            with memoryview(buffer) as view:
+                count = sock.recv_into(view[got:], len(buffer) - got)
             if not count:  # connection closed: what was read, as the stock recv does
-                view.release()
                 del buffer[got:]
                 return buffer
             got += count
-        view.release()
         return buffer
 
 
@@ -401,13 +495,18 @@ class DirectStoreResponses(DIMSEServiceProvider):
         self.dul.send_pdu(pdata)
 
 
-def make_event_driven(assoc: Association) -> Association:
+def make_event_driven(assoc: Association, limits: ReadLimits = ReadLimits()) -> Association:
     """Switch a new, not yet started acceptor association to the event-driven loops."""
     if type(assoc.dul.socket) is AssociationSocket:
         assoc.dul.socket.__class__ = LargeReadSocket
+        cast(LargeReadSocket, assoc.dul.socket).deadline = (
+            time.monotonic() + limits.request_timeout)
+    assoc.acse_timeout = min(assoc.acse_timeout or limits.request_timeout,
+                             limits.request_timeout)  # how long it waits for the request
     if type(assoc.dimse) is DIMSEServiceProvider:
         assoc.dimse.__class__ = DirectStoreResponses
     assoc.dul.__class__ = EventDrivenDUL
+    cast(EventDrivenDUL, assoc.dul).limits = limits
     cast(EventDrivenDUL, assoc.dul)._install()
     assoc.__class__ = EventDrivenAssociation
     cast(EventDrivenAssociation, assoc)._install()
@@ -418,7 +517,10 @@ class EventDrivenHandler(RequestHandler):
     """The request handler of an association server whose associations do not poll."""
 
     def _create_association(self) -> Association:
-        assoc = make_event_driven(super()._create_association())
-        cast(EventDrivenAssociation, assoc).on_finished = getattr(
-            self.server, "association_finished", None)
+        limits = getattr(self.server, "read_limits", ReadLimits())
+        assoc = make_event_driven(super()._create_association(), limits)
+        ended = getattr(self.server, "association_ended", None)
+        if ended is not None:  # told which peer's association ended (connection counts)
+            address = self.client_address
+            cast(EventDrivenAssociation, assoc).on_finished = lambda: ended(address)
         return assoc

@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import socket
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from db.queue import SessionFactory
 from node.dimse import VERIFICATION
 from node.receive.reactor import (
     EventDrivenHandler,
+    ReadLimits,
     check_supported,
     quiet_pynetdicom,
     register_server,
@@ -107,9 +109,44 @@ def address_allowed(networks: list[IPNetwork], client_address: PeerAddress) -> b
 
 
 class ReceiverServer(ThreadedAssociationServer):
-    """The association server, refusing connections from outside ``allowed_networks``."""
+    """The association server, refusing connections from outside ``allowed_networks``
+    and beyond ``per_address`` open connections from one source address."""
 
     allowed_networks: list[IPNetwork] = []
+    read_limits: ReadLimits = ReadLimits()
+    per_address: int = 16
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._open: Counter[str] = Counter()
+        self._open_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def admit(self, client_address: PeerAddress) -> bool:
+        """Count a connection from ``client_address``; False (logged) when it has too many."""
+        if self.RequestHandlerClass is not EventDrivenHandler:
+            return True  # only the fast path reports when an association ends
+        host = str(client_address[0])
+        with self._open_lock:
+            if self._open[host] >= self.per_address:
+                ASSOCIATIONS.labels("rejected").inc()
+                log.warning("connection refused from %s:%s: %d already open from there "
+                            "(dicom.max_associations_per_address)", host, client_address[1],
+                            self._open[host])
+                return False
+            self._open[host] += 1
+            return True
+
+    def association_ended(self, client_address: PeerAddress) -> None:
+        """An association's thread ended, however it ended: its connection no longer counts.
+
+        Called by the fast path (:class:`node.receive.reactor.EventDrivenHandler`); with
+        ``dicom.fast_path = false`` connections per address are not limited.
+        """
+        host = str(client_address[0])
+        with self._open_lock:
+            self._open[host] -= 1
+            if self._open[host] <= 0:
+                del self._open[host]
 
     def prepare_client(self, client: socket.socket) -> socket.socket:
         """Bound a connected socket's silence; wrap it for TLS (handshake in its own thread).
@@ -130,7 +167,8 @@ class ReceiverServer(ThreadedAssociationServer):
 
     def verify_request(self, request: socket.socket | tuple[bytes, socket.socket],
                        client_address: PeerAddress) -> bool:
-        return address_allowed(self.allowed_networks, client_address)
+        return (address_allowed(self.allowed_networks, client_address)
+                and self.admit(client_address))
 
     def report_outcome(self, outcome: str) -> None:
         """Count an association's outcome (``accepted`` or ``rejected``) in this process."""
@@ -184,6 +222,11 @@ def start_scp(dicom: DicomSettings, ctx: StoreContext,
                             ssl_context=ssl_context, server_class=server_class, **server_args)
     assert isinstance(server, ReceiverServer)
     server.allowed_networks = [ipaddress.ip_network(str(n)) for n in dicom.allowed_networks]
+    server.per_address = dicom.max_associations_per_address
+    server.read_limits = ReadLimits(
+        max_pdu=dicom.max_pdu, max_instance=ctx.max_instance_bytes,
+        request_timeout=dicom.association_request_timeout,
+        network_timeout=dicom.network_timeout)
     register_server(ae, server)
     threading.Thread(target=server.serve_forever, name="scp-acceptor", daemon=True).start()
     log.info("SCP %s %s on %s:%d%s", dicom.ae_title,

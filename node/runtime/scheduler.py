@@ -42,7 +42,7 @@ def make_scheduler(settings: Settings, factory: SessionFactory,
     """A scheduler with the node's periodic jobs (not started)."""
     scheduler = BackgroundScheduler(timezone="UTC", job_defaults={
         "coalesce": True, "max_instances": 1, "misfire_grace_time": None})
-    scheduler.add_job(complete_studies, "interval", args=[settings, factory, clock],
+    scheduler.add_job(complete_studies, "interval", args=[settings, factory, clock, {}],
                       seconds=settings.study.check_interval_seconds, id="complete-studies")
     scheduler.add_job(sweep_leases, "interval", args=[factory, clock],
                       seconds=max(1.0, min(10.0, settings.workers.lease_seconds / 4)),

@@ -10,6 +10,8 @@ moment a crash hits.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import queue
@@ -26,13 +28,18 @@ from db.queue import (
     instance_known,
     record_instances,
 )
-from node.errors import IngestStopped
+from node.errors import IngestStopped, StorageError
 from node.runtime.faults import crash_point
 from node.store.files import write_file
 from node.store.journal import Buffer, Payload, Segment, Ticket, parts_of, read_segment, segments
 
 log = logging.getLogger("ainode.ingest")
 JOURNAL = "journal"
+HELD = "held.json"
+"""In a journal folder while its ingest retries: study UIDs it still has to record."""
+RETRY_FIRST = 0.2
+RETRY_MAX = 5.0
+"""Seconds between attempts to write files and rows after an error (doubling)."""
 BATCH = 128
 BATCH_SECONDS = 0.2
 
@@ -66,7 +73,10 @@ class Ingest:
     _queue: queue.Queue[tuple[InstanceMeta, list[Buffer], Path] | None] = field(
         default_factory=queue.Queue)
     _thread: threading.Thread | None = None
-    _failed: BaseException | None = None
+    _stopping: threading.Event = field(default_factory=threading.Event)
+    _inflight_studies: set[str] = field(default_factory=set)
+    problem: str | None = None
+    """Why files and rows are not being written now (retrying), or None when they are."""
 
     def start(self) -> None:
         self._queue = queue.Queue(self.max_queue)
@@ -74,8 +84,13 @@ class Ingest:
         self._thread.start()
 
     def stop(self) -> None:
-        """Drain the queue, make everything durable and remove the journal segments."""
+        """Drain the queue, make everything durable and remove the journal segments.
+
+        While files or rows cannot be written (a retry is running), stopping gives up
+        waiting: what is left stays in the journal and is replayed at the next start.
+        """
         if self._thread is not None:
+            self._stopping.set()
             self._queue.put(None)
             self._thread.join()
             self._thread = None
@@ -94,8 +109,8 @@ class Ingest:
         by the writer thread (one query per batch instead of one per instance on the
         association's thread): duplicates are rare, every instance pays the query.
         """
-        if self._failed is not None:
-            raise IngestStopped(f"ingest stopped after an error: {self._failed}")
+        if self._thread is not None and not self._thread.is_alive():
+            raise IngestStopped("the ingest thread stopped")
         with self._lock:
             if meta.sop_uid in self._pending:
                 return False
@@ -152,14 +167,52 @@ class Ingest:
                 except queue.Empty:
                     break
             done = item is None
-            if batch:
-                try:
-                    self._materialize(batch)
-                except BaseException as exc:  # keep the journal: replay will finish the job
-                    log.exception("ingest: cannot write %d instance(s): %s", len(batch), exc)
-                    self._failed = exc
-                    return
+            if batch and not self._write_until_done(batch):
+                return  # stopping while it cannot write: the journal keeps the batch
             self._retire()
+
+    def _write_until_done(self, batch: list[tuple[InstanceMeta, list[Buffer], Path]]) -> bool:
+        """Write a batch's files and rows, retrying with backoff through transient errors
+        (a database locked by a backup, a full disk, a read-only file system).
+
+        Returns False when asked to stop before it could. While it retries,
+        :attr:`problem` says why (``/readyz`` shows it) and C-STOREs are still made
+        durable in the journal, so nothing acknowledged is lost.
+        """
+        delay = RETRY_FIRST
+        with self._lock:
+            self._inflight_studies = {meta.study_uid for meta, _, _ in batch}
+        while True:
+            try:
+                self._materialize(batch)
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"[:500]
+                if self.problem is None:
+                    log.error("ingest: cannot write %d instance(s), retrying: %s", len(batch),
+                              reason)
+                self.problem = f"cannot write received instances: {reason}"
+                self._hold_studies()
+                if self._stopping.wait(delay):
+                    return False
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            if self.problem is not None:
+                log.info("ingest: writing again after: %s", self.problem)
+                self.problem = None
+                (self.journal / HELD).unlink(missing_ok=True)
+            return True
+
+    def _hold_studies(self) -> None:
+        """Name the studies with instances not yet recorded, so none is completed on part
+        of its instances meanwhile (:func:`held_studies`; any process of the node reads it)."""
+        with self._queue.mutex:
+            queued = {item[0].study_uid for item in self._queue.queue if item is not None}
+        with self._lock:
+            studies = sorted(queued | self._inflight_studies)
+        try:
+            write_file(self.journal, Path(HELD), json.dumps(studies).encode())
+        except StorageError as exc:  # a full disk: the completion sweep cannot know then
+            log.error("ingest: cannot record the studies on hold: %s", exc)
 
     def _materialize(self, batch: list[tuple[InstanceMeta, list[Buffer], Path]]) -> None:
         """Files, then rows, in one transaction: a duplicate's file is never rewritten."""
@@ -196,6 +249,7 @@ class Ingest:
 
 def replay(root: Path, journal: Path, factory: SessionFactory) -> int:
     """Re-apply the records of leftover journal segments (after a crash); return how many."""
+    (journal / HELD).unlink(missing_ok=True)  # everything it named is recorded below
     count = 0
     for path in segments(journal):
         for header, payload in read_segment(path):
@@ -211,3 +265,12 @@ def replay(root: Path, journal: Path, factory: SessionFactory) -> int:
     if count:
         log.info("journal replay: %d instance(s) re-applied after an unclean stop", count)
     return count
+
+
+def held_studies(root: Path) -> set[str]:
+    """Studies that some ingest of this node has received but not yet recorded."""
+    held: set[str] = set()
+    for marker in (root / JOURNAL).glob(f"*/{HELD}"):
+        with contextlib.suppress(OSError, ValueError):
+            held.update(str(uid) for uid in json.loads(marker.read_text()))
+    return held

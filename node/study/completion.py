@@ -9,18 +9,32 @@ from functools import partial
 
 from db.queue import SessionFactory, dispatch_stable_studies, first_instance_path
 from node.settings import Settings
+from node.store.ingest import held_studies
 from node.study.routing import make_planner, stable_seconds_for
 
 log = logging.getLogger("ainode.scheduler")
 
 
 def complete_studies(settings: Settings, factory: SessionFactory,
-                     clock: Callable[[], datetime]) -> list[int]:
-    """Mark quiet studies complete and queue one job per (series, model)."""
+                     clock: Callable[[], datetime],
+                     reported: dict[str, str] | None = None) -> list[int]:
+    """Mark quiet studies complete and queue one job per (series, model).
+
+    A study with instances received but not yet recorded (an ingest retrying after an
+    error) waits. A study whose routes cannot be evaluated (an unreadable file) stays
+    pending with its reason logged once per reason in ``reported``; others go on.
+    """
     planner = make_planner(settings.routes, settings.storage.dir,
                            partial(first_instance_path, factory))
+    problems: dict[str, str] = {}
     jobs = dispatch_stable_studies(factory, clock(), stable_seconds_for(settings.study), planner,
-                                   settings.workers.max_attempts)
+                                   settings.workers.max_attempts,
+                                   held=held_studies(settings.storage.dir), problems=problems)
+    reported = {} if reported is None else reported
+    for study_uid, reason in problems.items():
+        if reported.get(study_uid) != reason:
+            log.error("study %s cannot be routed, left pending: %s", study_uid, reason)
+            reported[study_uid] = reason
     if jobs:
         log.info("queued job(s) %s", ",".join(map(str, jobs)))
     return jobs

@@ -14,9 +14,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.queue import InstanceMeta
 from db.schema import Instance
 from node.runtime.clock import utcnow
-from node.store.ingest import Ingest, journal_dir, replay
+from node.settings import DicomSettings
+from node.store.ingest import Ingest, held_studies, journal_dir, replay
 from node.store.journal import segments
-from tests.peers import CHEST_CT
+from tests.peers import CHEST_CT, free_port, storescu, wait_until
+from tests.receiver import running_ingest
 
 
 def metas(n: int) -> list[tuple[InstanceMeta, bytes]]:
@@ -106,3 +108,30 @@ def test_a_failed_journal_write_is_refused_and_the_next_instance_opens_a_new_seg
     assert replay(root, journal, factory) == 2
     with factory() as s:
         assert set(s.scalars(select(Instance.sop_uid))) == {first.sop_uid, third.sop_uid}
+
+
+def test_a_write_fault_is_retried_until_it_clears_without_a_restart(
+        tmp_path: Path, factory: sessionmaker[Session]) -> None:
+    """Files cannot be written for a while (as with a full disk): every C-STORE is still
+    acknowledged only once durable, nothing is lost, the study is held from completion,
+    and everything lands once the fault clears, without a restart."""
+    root = tmp_path / "store"
+    blocker = root / "instances"  # a file where the instances' folder goes: writes fail
+    port = free_port()
+    with running_ingest(root, factory, DicomSettings(host="127.0.0.1", port=port)
+                        ) as (ingest, _server):
+        blocker.write_bytes(b"")
+        files = sorted(CHEST_CT.glob("*.dcm"))[:3]
+        study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        assert storescu(port, files).returncode == 0  # acknowledged: durable in the journal
+        wait_until(lambda: ingest.problem is not None, 10, what="the fault reported")
+        assert "cannot write received instances" in str(ingest.problem)
+        assert rows(factory) == 0
+        assert held_studies(root) == {study}  # the completion sweep leaves it alone
+        blocker.unlink()
+        wait_until(lambda: rows(factory) == 3, 20, what="the 3 instances recorded")
+        wait_until(lambda: ingest.problem is None, 5, what="the fault cleared")
+        assert held_studies(root) == set()
+        assert storescu(port, sorted(CHEST_CT.glob("*.dcm"))[3]).returncode == 0
+        wait_until(lambda: rows(factory) == 4, 10, what="a 4th instance")
+    assert not list((root / "journal").rglob("*.journal"))

@@ -8,9 +8,12 @@ from datetime import timedelta
 from sqlalchemy import select
 
 from db.queue import (
+    JobPlan,
     ResultSpec,
+    SeriesInfo,
     claim_job,
     complete_job,
+    dispatch_stable_studies,
     due_results,
     fail_job,
     heartbeat,
@@ -22,7 +25,7 @@ from db.queue import (
     skip_job,
 )
 from db.schema import Job, JobStatus, ResultStatus, Series, Study
-from tests.conftest import T0, Factory, assert_schema_matches, dispatch, meta
+from tests.conftest import T0, Factory, assert_schema_matches, dispatch, meta, one_model
 
 
 def test_migrations_match_declared_schema(db_url: str) -> None:
@@ -170,3 +173,28 @@ def test_outbox_backoff_and_success(factory: Factory) -> None:
     assert mark_send_failed(factory, seg.id, T0, "no such SOP class", retry_at=None,
                             max_attempts=3) is ResultStatus.FAILED
     assert due_results(factory, T0 + timedelta(days=1)) == []
+
+
+def test_a_held_study_waits_and_an_unroutable_one_does_not_stop_the_others(
+        factory: Factory) -> None:
+    """Held: instances received but not yet recorded. Unroutable: its planning raises
+    (an unreadable file); it stays pending with its reason, the other study completes."""
+    record_instance(factory, meta("1.9.1", series="1.2.3.1", study="1.2.3"), T0)
+    record_instance(factory, meta("1.9.2", series="1.2.4.1", study="1.2.4"), T0)
+    record_instance(factory, meta("1.9.3", series="1.2.5.1", study="1.2.5"), T0)
+
+    def plan(series: SeriesInfo) -> list[JobPlan]:
+        if series.series_uid == "1.2.4.1":
+            raise OSError("unreadable instance file")
+        return one_model(series)
+
+    problems: dict[str, str] = {}
+    later = T0 + timedelta(seconds=120)
+    jobs = dispatch_stable_studies(factory, later, lambda _m: 60.0, plan, max_attempts=2,
+                                   held={"1.2.5"}, problems=problems)
+    assert len(jobs) == 1
+    assert problems == {"1.2.4": "OSError: unreadable instance file"}
+    with factory() as s:
+        done = {st.study_uid for st in s.scalars(select(Study)) if st.completed_at}
+    assert done == {"1.2.3"}
+    assert len(dispatch(factory, later)) == 2  # held no more, routable again: both complete

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -142,6 +143,29 @@ class WorkerSettings(_Section):
         return self
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+_DNS_NAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?")
+
+
+def host_name(value: str) -> str | None:
+    """``value`` as a Host header names it (lower case, IPv6 in brackets); None if invalid."""
+    name = value.strip().lower().rstrip(".")
+    if ":" not in name and not name.startswith("["):
+        return name if _DNS_NAME.fullmatch(name) else None
+    try:
+        address = ipaddress.IPv6Address(name.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return None
+    return f"[{address.compressed}]"
+
+
+def default_admin_hosts(host: str) -> list[str]:
+    """The loopback names, and ``host`` itself unless it is a wildcard address."""
+    own = host_name(host)
+    extra = [own] if own and own not in ("0.0.0.0", "[::]") and own not in LOOPBACK_HOSTS else []
+    return [*LOOPBACK_HOSTS, *extra]
+
+
 class AdminSettings(_Section):
     host: str = "127.0.0.1"
     port: Port = 8080
@@ -154,6 +178,32 @@ class AdminSettings(_Section):
     """Same format; clients send the token itself as ``Authorization: Bearer TOKEN``."""
     credentials_file: Path | None = None
     """TOML with ``username``/``password_hash``/``token_hash`` (mode 0600), read at start."""
+    allowed_hosts: Annotated[list[str], Field(min_length=1)] = list(LOOPBACK_HOSTS)
+    """Host header names the server answers (any port); others get 400 (DNS rebinding).
+    Default: the loopback names, and ``host`` when it names one address (not 0.0.0.0/::)."""
+    max_body_kb: Annotated[int, Field(ge=1)] = 1024
+    """A larger request body is refused with 413 before authentication or parsing."""
+    max_failed_logins: Annotated[int, Field(ge=1)] = 10
+    """Failed logins per client address within ``lockout_seconds`` that lock it out."""
+    lockout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    """How long a locked-out address gets 429 without its credentials being checked."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_hosts(cls, data: object) -> object:
+        if isinstance(data, dict) and "allowed_hosts" not in data:
+            host = data.get("host", cls.model_fields["host"].default)
+            data = {**data, "allowed_hosts": default_admin_hosts(str(host))}
+        return data
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        names = [host_name(v) for v in value]
+        bad = [v for v, n in zip(value, names, strict=True) if n is None]
+        if bad:
+            raise ValueError(f"not a host name or IP address (no scheme or port): {bad}")
+        return [n for n in names if n is not None]
 
     @model_validator(mode="after")
     def _user_with_password(self) -> AdminSettings:

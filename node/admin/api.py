@@ -1,24 +1,25 @@
 """The JSON API under ``/api`` (OpenAPI at ``/api/openapi.json``, docs at ``/api/docs``).
 
 Reads need authentication (see :mod:`node.admin.auth`); actions are POST only,
-CSRF-checked, and each is written to the audit log with its actor.
+CSRF-checked, and each is written to the audit log with its actor, as is each failed
+login. Numbers in URLs are bounded (out of range: 422).
 """
 
 from __future__ import annotations
 
 import logging
+import pathlib
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, status
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
 from db import admin
 from db.schema import JobStatus
-from node.admin.auth import Principal
+from node.admin.auth import LoginFailed, Principal, printable
 from node.admin.catalog import ModelInfo
 from node.admin.context import AdminContext, context
 
@@ -27,7 +28,23 @@ Ctx = Annotated[AdminContext, Depends(context)]
 
 
 def principal(request: Request, ctx: Ctx) -> Principal:
-    return ctx.guard.authenticate(request)
+    """The authenticated caller; a failed login is logged and audited (then 401)."""
+    now = ctx.clock()
+    try:
+        return ctx.guard.authenticate(request, now)
+    except LoginFailed as exc:
+        record_failed_login(ctx, exc, now)
+        raise
+
+
+def record_failed_login(ctx: AdminContext, exc: LoginFailed, now: datetime) -> None:
+    name = printable(exc.username)
+    log.warning("admin: failed login from %s as %s", exc.address, name)
+    if exc.locked:
+        log.warning("admin: %d failed logins from %s: refused for %g s", ctx.guard.failures.limit,
+                    exc.address, ctx.guard.failures.window.total_seconds())
+    admin.record_action(ctx.factory, f"{name}@{exc.address}", "login-failed", "admin",
+                        "address locked out" if exc.locked else "", now)
 
 
 def actor(request: Request, ctx: Ctx, who: Annotated[Principal, Depends(principal)]) -> str:
@@ -38,6 +55,12 @@ def actor(request: Request, ctx: Ctx, who: Annotated[Principal, Depends(principa
 
 Who = Annotated[Principal, Depends(principal)]
 Actor = Annotated[str, Depends(actor)]
+MAX_ID = 2**63 - 1
+"""Row ids are 64-bit: a larger one in a path is 422, not an overflow in the database."""
+MAX_PAGE = 1_000_000
+Id = Annotated[int, Path(ge=1, le=MAX_ID)]
+Page = Annotated[int, Query(ge=1, le=MAX_PAGE)]
+PerPage = Annotated[int, Query(ge=1, le=admin.MAX_PER_PAGE)]
 router = APIRouter(prefix="/api", dependencies=[Depends(principal)])
 
 
@@ -118,8 +141,7 @@ def jobs(ctx: Ctx,
          created_from: Annotated[datetime | None, Query(alias="from")] = None,
          created_to: Annotated[datetime | None, Query(alias="to")] = None,
          q: Annotated[str | None, Query(max_length=64)] = None,
-         page: Annotated[int, Query(ge=1)] = 1,
-         per_page: Annotated[int, Query(ge=1, le=admin.MAX_PER_PAGE)] = 50) -> JobPage:
+         page: Page = 1, per_page: PerPage = 50) -> JobPage:
     """Jobs, newest first; ``q`` matches study or series UID or accession number."""
     filters = admin.JobFilter(status=state.value if state else None, model=model or None,
                               modality=modality or None, created_from=_naive(created_from),
@@ -129,27 +151,27 @@ def jobs(ctx: Ctx,
 
 
 @router.get("/jobs/{job_id}")
-def job(ctx: Ctx, job_id: int) -> admin.JobDetail:
+def job(ctx: Ctx, job_id: Id) -> admin.JobDetail:
     """One job with its timeline and its produced objects per destination."""
     return admin.job_detail(ctx.factory, job_id)
 
 
 @router.post("/jobs/{job_id}/retry")
-def retry(ctx: Ctx, who: Actor, job_id: int) -> ActionResult:
+def retry(ctx: Ctx, who: Actor, job_id: Id) -> ActionResult:
     admin.retry_job(ctx.factory, job_id, who, ctx.clock())
     log.info("admin %s: retry job %d", who, job_id)
     return ActionResult(True, f"job {job_id} queued again")
 
 
 @router.post("/jobs/{job_id}/cancel")
-def cancel(ctx: Ctx, who: Actor, job_id: int) -> ActionResult:
+def cancel(ctx: Ctx, who: Actor, job_id: Id) -> ActionResult:
     admin.cancel_job(ctx.factory, job_id, who, ctx.clock())
     log.info("admin %s: cancel job %d", who, job_id)
     return ActionResult(True, f"job {job_id} cancelled")
 
 
 @router.post("/jobs/{job_id}/resend")
-def resend(ctx: Ctx, who: Actor, job_id: int, body: ResendBody) -> ActionResult:
+def resend(ctx: Ctx, who: Actor, job_id: Id, body: ResendBody) -> ActionResult:
     if body.destination not in {d.name for d in ctx.settings.destinations}:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                             f"unknown destination {body.destination!r}")
@@ -159,7 +181,7 @@ def resend(ctx: Ctx, who: Actor, job_id: int, body: ResendBody) -> ActionResult:
 
 
 @router.get("/results/{result_id}/file", response_class=FileResponse)
-def result_file(ctx: Ctx, result_id: int) -> FileResponse:
+def result_file(ctx: Ctx, result_id: Id) -> FileResponse:
     """Download a produced result object (SEG, SR, heatmap SEG or SC image; see its kind)."""
     row = admin.get_result(ctx.factory, result_id)
     root = ctx.settings.storage.dir.resolve()
@@ -172,8 +194,7 @@ def result_file(ctx: Ctx, result_id: int) -> FileResponse:
 
 @router.get("/studies")
 def studies(ctx: Ctx, q: Annotated[str | None, Query(max_length=64)] = None,
-            page: Annotated[int, Query(ge=1)] = 1,
-            per_page: Annotated[int, Query(ge=1, le=admin.MAX_PER_PAGE)] = 50) -> StudyPage:
+            page: Page = 1, per_page: PerPage = 50) -> StudyPage:
     """Studies, most recently received first, with their series and instance counts."""
     found = admin.list_studies(ctx.factory, q or None, page, per_page)
     return StudyPage(found.items, found.total, found.page, found.per_page)
@@ -222,5 +243,5 @@ def _naive(value: datetime | None) -> datetime | None:
     return value.astimezone(UTC).replace(tzinfo=None)
 
 
-def static_dir() -> Path:
-    return Path(__file__).resolve().parent / "static"
+def static_dir() -> pathlib.Path:
+    return pathlib.Path(__file__).resolve().parent / "static"

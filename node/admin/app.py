@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Annotated
@@ -14,14 +15,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from db.errors import Conflict, DbError, NotFound
 from db.queue import SessionFactory
 from node.admin import api
-from node.admin.auth import Guard, load_credentials
+from node.admin.auth import AuthError, Guard, LoginThrottled
 from node.admin.catalog import ModelInfo
 from node.admin.context import AdminContext, Echo, context
 from node.admin.health import readiness
+from node.admin.middleware import BodyLimit, TrustedHosts
 from node.runtime.clock import utcnow
 from node.runtime.metrics import make_registry
 from node.send.sender import echo as c_echo
-from node.settings import Settings
+from node.settings import LOOPBACK_HOSTS, AdminSettings, Settings
+
+log = logging.getLogger("ainode.admin")
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
@@ -36,28 +40,27 @@ def create_app(settings: Settings, factory: SessionFactory, *,
                clock: Callable[[], datetime] = utcnow, echo: Echo = c_echo,
                scp_listening: Callable[[], bool] | None = None) -> FastAPI:
     """Build the admin app; raises ConfigError when bound off loopback without credentials."""
-    guard = Guard(load_credentials(settings.admin))
+    guard = Guard.for_settings(settings.admin)
     ctx = AdminContext(settings=settings, factory=factory, clock=clock, guard=guard,
                        models=models, echo=echo, scp_listening=scp_listening)
     app = FastAPI(title="ainode admin API", version="1", docs_url=None, redoc_url=None,
                   openapi_url="/api/openapi.json")
     app.state.ctx = ctx
     registry = make_registry(factory, clock)
+    _guard_requests(app, settings.admin)
 
     @app.exception_handler(DbError)
     async def db_error(_request: Request, exc: DbError) -> JSONResponse:
         code = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Conflict) else 400
         return JSONResponse({"detail": str(exc)}, status_code=code)
 
-    @app.middleware("http")
-    async def headers(request: Request,
-                      call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        response = await call_next(request)
-        for key, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(key, value)
-        if request.url.path.startswith("/api/"):
-            response.headers.setdefault("Cache-Control", "no-store")
-        return response
+    @app.exception_handler(AuthError)
+    async def auth_error(_request: Request, exc: AuthError) -> JSONResponse:
+        if isinstance(exc, LoginThrottled):
+            return JSONResponse({"detail": str(exc)}, status_code=429,
+                                headers={"Retry-After": str(exc.retry_after)})
+        return JSONResponse({"detail": "authentication required"}, status_code=401,
+                            headers={"WWW-Authenticate": 'Basic realm="ainode", charset="UTF-8"'})
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
@@ -87,3 +90,22 @@ def create_app(settings: Settings, factory: SessionFactory, *,
 
     app.mount("/static", StaticFiles(directory=static), name="static")
     return app
+
+
+def _guard_requests(app: FastAPI, admin: AdminSettings) -> None:
+    """Before routing: Host check, then body size; security headers on every answer."""
+    if admin.host in ("0.0.0.0", "::") and set(admin.allowed_hosts) <= set(LOOPBACK_HOSTS):
+        log.warning("admin.host is %s but admin.allowed_hosts names only loopback: requests to "
+                    "other names get 400; list the names clients use", admin.host)
+    app.add_middleware(BodyLimit, limit=admin.max_body_kb * 1024)
+    app.add_middleware(TrustedHosts, hosts=admin.allowed_hosts)
+
+    @app.middleware("http")  # outermost: refusals of the two above get the headers too
+    async def headers(request: Request,
+                      call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        response = await call_next(request)
+        for key, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(key, value)
+        if request.url.path.startswith("/api/"):
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response

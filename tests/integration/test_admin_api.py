@@ -41,6 +41,8 @@ from tests.conftest import Factory
 T0 = datetime(2026, 3, 1, 8, 0, 0)
 NOW = T0 + timedelta(minutes=10)
 ACCESSION = "ACC4711"
+BASE = "http://127.0.0.1:8080"
+"""Where the tests' client sends requests: a loopback name the admin server allows."""
 MODELS = [ModelInfo("ct-lung", "1.0.0", "1.0.0", None, ["CT"], "lungs"),
           ModelInfo("cxr-pneumonia", "1.0.0", "1.0.0+abc", "ab" * 32, ["CR", "DX"], "chest")]
 
@@ -119,7 +121,7 @@ def data(factory: Factory, tmp_path: Path) -> dict[str, int]:
 def client(factory: Factory, tmp_path: Path, data: dict[str, int]) -> Iterator[TestClient]:
     app = create_app(settings_for(tmp_path), factory, models=lambda: MODELS, clock=lambda: NOW,
                      echo=fake_echo)
-    with TestClient(app, base_url="http://127.0.0.1:8080") as c:
+    with TestClient(app, base_url=BASE) as c:
         c.headers["X-CSRF-Token"] = c.get("/api/session").json()["csrf_token"]
         yield c
 
@@ -285,7 +287,7 @@ def test_health_and_readiness(factory: Factory, tmp_path: Path, data: dict[str, 
     (tmp_path / "var").mkdir(exist_ok=True)
     app = create_app(settings_for(tmp_path), factory, models=lambda: MODELS, clock=lambda: NOW,
                      scp_listening=lambda: True)
-    with TestClient(app) as c:
+    with TestClient(app, base_url=BASE) as c:
         assert c.get("/healthz").json() == {"status": "ok"}
         r = c.get("/readyz")
         assert r.status_code == 503
@@ -295,7 +297,7 @@ def test_health_and_readiness(factory: Factory, tmp_path: Path, data: dict[str, 
         assert c.get("/readyz").status_code == 200
     full = create_app(settings_for(tmp_path, min_free_mb=10**9), factory, models=lambda: MODELS,
                       clock=lambda: NOW, scp_listening=lambda: False)
-    with TestClient(full) as c:
+    with TestClient(full, base_url=BASE) as c:
         checks = {x["name"]: x for x in c.get("/readyz").json()["checks"]}
         assert not checks["storage"]["ok"] and "below" in checks["storage"]["detail"]
         assert not checks["dicom"]["ok"]
@@ -344,7 +346,7 @@ def test_password_and_token_authentication(tmp_path: Path, factory: Factory,
                      f'token_hash = "{token}"\n')
     settings = settings_for(tmp_path, f'host = "0.0.0.0"\ncredentials_file = "{creds}"')
     app = create_app(settings, factory, models=lambda: MODELS, clock=lambda: NOW)
-    with TestClient(app) as c:
+    with TestClient(app, base_url=BASE) as c:
         r = c.get("/api/summary")
         assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic")
         assert c.get("/").status_code == 401
@@ -363,8 +365,11 @@ def test_password_and_token_authentication(tmp_path: Path, factory: Factory,
         bearer = {"Authorization": "Bearer tok-123"}
         assert c.get("/metrics", headers=bearer).status_code == 200
         assert c.post(f"/api/jobs/{data['queued']}/cancel", headers=bearer).status_code == 200
-    actors = [e.actor for e in audit(factory)]
-    assert actors == ["admin@testclient", "token@testclient"]
+    # Each wrong credential is audited (a request without any is not: a browser's first).
+    assert [(e.action, e.actor) for e in audit(factory)] == [
+        ("login-failed", "admin@testclient"), ("login-failed", "root@testclient"),
+        ("login-failed", "(bearer token)@testclient"),
+        ("retry", "admin@testclient"), ("cancel", "token@testclient")]
 
 
 def test_secret_hashing() -> None:

@@ -38,11 +38,11 @@ SECURITY_HEADERS = {
 def create_app(settings: Settings, factory: SessionFactory, *,
                models: Callable[[], list[ModelInfo]],
                clock: Callable[[], datetime] = utcnow, echo: Echo = c_echo,
-               scp_listening: Callable[[], bool] | None = None) -> FastAPI:
+               receiver_problem: Callable[[], str | None] | None = None) -> FastAPI:
     """Build the admin app; raises ConfigError when bound off loopback without credentials."""
     guard = Guard.for_settings(settings.admin)
     ctx = AdminContext(settings=settings, factory=factory, clock=clock, guard=guard,
-                       models=models, echo=echo, scp_listening=scp_listening)
+                       models=models, echo=echo, receiver_problem=receiver_problem)
     app = FastAPI(title="ainode admin API", version="1", docs_url=None, redoc_url=None,
                   openapi_url="/api/openapi.json")
     app.state.ctx = ctx

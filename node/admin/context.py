@@ -25,8 +25,9 @@ class AdminContext:
     guard: Guard
     models: Callable[[], list[ModelInfo]]
     echo: Echo
-    scp_listening: Callable[[], bool] | None = None
-    """Probe of the DICOM receiver for /readyz; None where the app runs without one."""
+    receiver_problem: Callable[[], str | None] | None = None
+    """Probe of the DICOM receiver for /readyz: why it is not listening or not storing,
+    None when it is; no probe where the app runs without a receiver."""
 
 
 def context(request: Request) -> AdminContext:

@@ -58,8 +58,8 @@ def readiness(ctx: AdminContext) -> list[Check]:
     checks = [check_database(ctx.factory),
               check_storage(settings.storage.dir, settings.storage.min_free_mb),
               check_workers(ctx.factory, ctx.clock(), settings.workers.count)]
-    if ctx.scp_listening is not None:
-        listening = ctx.scp_listening()
-        checks.append(Check("dicom", listening, f"port {settings.dicom.port} "
-                            + ("listening" if listening else "not listening")))
+    if ctx.receiver_problem is not None:
+        problem = ctx.receiver_problem()
+        checks.append(Check("dicom", problem is None,
+                            problem or f"port {settings.dicom.port} listening and storing"))
     return checks

@@ -48,19 +48,19 @@ class AdminServer:
 
 
 def start_admin(settings: Settings, factory: SessionFactory,
-                scp_listening: Callable[[], bool] | None = None) -> AdminServer | None:
+                receiver_problem: Callable[[], str | None] | None = None) -> AdminServer | None:
     """Build and start the admin server of ``ainode serve`` (None when disabled)."""
     if not settings.admin.enabled:
         return None
     models = catalog(lambda: available_models(settings))
-    app = create_app(settings, factory, models=models, scp_listening=scp_listening)
+    app = create_app(settings, factory, models=models, receiver_problem=receiver_problem)
     server = AdminServer(app, settings.admin.host, settings.admin.port)
     server.start()
     return server
 
 
 def listening(server: AssociationServer) -> Callable[[], bool]:
-    """A readiness probe of a pynetdicom server: its listening socket is open."""
+    """Whether a pynetdicom server's listening socket is open."""
 
     def probe() -> bool:
         sock = server.socket  # pynetdicom types it Optional (None before it is bound)

@@ -20,7 +20,7 @@ from node.runtime.scheduler import make_scheduler
 from node.runtime.supervisor import worker_supervisor
 from node.settings import Settings
 from node.store.files import remove_temp_files
-from node.store.ingest import Ingest, journal_dir
+from node.store.ingest import Ingest, held_studies, journal_dir
 
 log = logging.getLogger("ainode.serve")
 
@@ -55,7 +55,7 @@ def serve(settings: Settings, config_path: Path | None, stop_timeout: float = 60
     if settings.dicom.acceptors > 1 and fast_path(settings.dicom):
         acceptors = AcceptorPool(settings, config_path, settings.dicom.acceptors)
         acceptors.start()
-        probe = acceptors.listening
+        is_listening = acceptors.listening
     else:
         if settings.dicom.acceptors > 1:
             log.warning("dicom.acceptors = %d needs the fast path (dicom.fast_path and a "
@@ -63,8 +63,18 @@ def serve(settings: Settings, config_path: Path | None, stop_timeout: float = 60
                         settings.dicom.acceptors)
         ingest, server = start_receiver(
             settings, factory, journal_dir(settings.storage.dir, node_id(settings)))
-        probe = listening(server)
-    admin = start_admin(settings, factory, scp_listening=probe)
+        is_listening = listening(server)
+
+    def receiver_problem() -> str | None:
+        if not is_listening():
+            return f"port {settings.dicom.port} not listening"
+        if ingest is not None and ingest.problem is not None:
+            return ingest.problem
+        if held_studies(settings.storage.dir):
+            return "received instances not yet recorded: an acceptor's ingest is retrying"
+        return None
+
+    admin = start_admin(settings, factory, receiver_problem=receiver_problem)
     scheduler = make_scheduler(settings, factory, utcnow)
     pool = worker_supervisor(settings.workers.count, config_path)
     scheduler.add_job(pool.supervise, "interval", seconds=2, id="supervise-workers")

@@ -286,7 +286,7 @@ def test_metrics_are_derived_from_the_database(client: TestClient, factory: Fact
 def test_health_and_readiness(factory: Factory, tmp_path: Path, data: dict[str, int]) -> None:
     (tmp_path / "var").mkdir(exist_ok=True)
     app = create_app(settings_for(tmp_path), factory, models=lambda: MODELS, clock=lambda: NOW,
-                     scp_listening=lambda: True)
+                     receiver_problem=lambda: None)
     with TestClient(app, base_url=BASE) as c:
         assert c.get("/healthz").json() == {"status": "ok"}
         r = c.get("/readyz")
@@ -296,7 +296,7 @@ def test_health_and_readiness(factory: Factory, tmp_path: Path, data: dict[str, 
         report_presence(factory, "host:42", 42, "cpu", NOW - timedelta(seconds=3))
         assert c.get("/readyz").status_code == 200
     full = create_app(settings_for(tmp_path, min_free_mb=10**9), factory, models=lambda: MODELS,
-                      clock=lambda: NOW, scp_listening=lambda: False)
+                      clock=lambda: NOW, receiver_problem=lambda: "port 11112 not listening")
     with TestClient(full, base_url=BASE) as c:
         checks = {x["name"]: x for x in c.get("/readyz").json()["checks"]}
         assert not checks["storage"]["ok"] and "below" in checks["storage"]["detail"]

@@ -11,11 +11,10 @@ from types import FrameType
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from node.cli import ops
-from node.cli.options import ConfigOption, err, settings_or_exit
+from node.cli.options import ConfigOption, err, literal, out, settings_or_exit
 from node.errors import ConfigError
 
 app = typer.Typer(help="ainode: an AI node for a hospital PACS.", no_args_is_help=True,
@@ -99,12 +98,13 @@ def check_config(path: Annotated[Path, typer.Argument(help="TOML configuration f
         for model in settings.models:  # checks the weights file and its hash
             known[model.name]()
     except (ConfigError, ModelError, ValueError) as exc:
-        err.print(f"[red]configuration error:[/red] {path}: models: {exc}")
+        err.print(f"[red]configuration error:[/red] {literal(path)}: models: {literal(exc)}")
         raise typer.Exit(2) from None
     missing = sorted({m for r in settings.routes for m in r.models} - set(known))
     if missing:
-        err.print(f"[red]configuration error:[/red] {path}: routes name unknown model(s) "
-                  f"{', '.join(missing)}; installed: {', '.join(sorted(known))}")
+        err.print(f"[red]configuration error:[/red] {literal(path)}: routes name unknown "
+                  f"model(s) {literal(', '.join(missing))}; installed: "
+                  f"{literal(', '.join(sorted(known)))}")
         raise typer.Exit(2)
     typer.echo(f"{path}: OK ({len(settings.routes)} route(s), "
                f"{len(settings.destinations)} destination(s))")
@@ -131,8 +131,8 @@ def echo(destination: Annotated[str, typer.Argument(help="Destination name from 
     try:
         dest = settings.destination(destination)
     except KeyError:
-        err.print(f"[red]unknown destination[/red] {destination!r}; configured: "
-                  f"{', '.join(d.name for d in settings.destinations) or 'none'}")
+        err.print(f"[red]unknown destination[/red] {literal(repr(destination))}; configured: "
+                  f"{literal(', '.join(d.name for d in settings.destinations) or 'none')}")
         raise typer.Exit(2) from None
     quiet_pynetdicom()
     result = c_echo(dest, settings.dicom.ae_title, own_tls=settings.dicom.tls)
@@ -162,8 +162,9 @@ def models_list(config: ConfigOption = None,
         return
     table = Table("model", "version", "accepts", "device")
     for row in rows:
-        table.add_row(row["name"], row["algorithm_version"], row["accepts"], row["device"])
-    Console().print(table)
+        table.add_row(*(literal(row[key]) for key in ("name", "algorithm_version", "accepts",
+                                                       "device")))
+    out.print(table)
 
 
 def main() -> None:

@@ -2,6 +2,8 @@
 
 They read and act on the node's database directly (the same functions the admin
 API uses, so the same rules and the same audit log); ``--json`` prints for scripts.
+What they print through rich is markup: every value in it goes through
+:func:`~node.cli.options.literal` (DICOM texts, errors and names may hold ``[/]``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from datetime import datetime
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
@@ -23,7 +24,7 @@ from db import admin
 from db.errors import DbError, NotFound
 from db.queue import SessionFactory
 from db.schema import JobStatus
-from node.cli.options import ConfigOption, err, settings_or_exit
+from node.cli.options import ConfigOption, err, literal, out, settings_or_exit
 from node.runtime.clock import utcnow
 from node.settings import Settings
 
@@ -31,7 +32,6 @@ jobs_app = typer.Typer(help="The job queue: list, show, retry, cancel, re-send."
                        no_args_is_help=True)
 studies_app = typer.Typer(help="Received studies.", no_args_is_help=True)
 destinations_app = typer.Typer(help="Configured DICOM destinations.", no_args_is_help=True)
-out = Console()
 
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
@@ -66,7 +66,7 @@ def _act(what: str, action: Callable[[], str]) -> None:
     try:
         message = action()
     except DbError as exc:
-        err.print(f"[red]{what}:[/red] {exc}")
+        err.print(f"[red]{what}:[/red] {literal(exc)}")
         raise typer.Exit(1) from None
     typer.echo(message)
 
@@ -83,7 +83,7 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
         return
     counts = Table("state", "jobs", title="Queue")
     for state, n in summary.jobs_by_status.items():
-        counts.add_row(state, str(n))
+        counts.add_row(literal(state), str(n))
     out.print(counts)
     oldest = summary.oldest_queued_age_seconds
     out.print(f"studies received: {summary.studies_last_hour} last hour, "
@@ -94,7 +94,7 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
                                          if oldest is not None else "none"))
     workers = Table("worker", "device", "alive", "job", "last seen", title="Workers")
     for w in summary.workers:
-        workers.add_row(w.owner, w.device, "yes" if w.alive else "no",
+        workers.add_row(literal(w.owner), literal(w.device), "yes" if w.alive else "no",
                         str(w.job_id or ""), _when(w.seen_at))
     out.print(workers)
     _destinations_table(settings, dests)
@@ -106,8 +106,9 @@ def _destinations_table(settings: Settings, dests: list[admin.DestinationStats])
     for conf, d in zip(settings.destinations, dests, strict=True):
         echo = (f"{'ok' if d.last_echo_ok else 'failed'} {_when(d.last_echo_at)}"
                 if d.last_echo_at else "never")
-        table.add_row(d.name, conf.ae_title, f"{conf.host}:{conf.port}", str(d.pending),
-                      str(d.sent), str(d.failed), echo)
+        table.add_row(literal(d.name), literal(conf.ae_title),
+                      literal(f"{conf.host}:{conf.port}"), str(d.pending), str(d.sent),
+                      str(d.failed), echo)
     out.print(table)
 
 
@@ -129,7 +130,7 @@ def jobs_list(config: ConfigOption = None,
     """Jobs, newest first."""
     settings = settings_or_exit(config)
     if state is not None and state not in {s.value for s in JobStatus}:
-        err.print(f"[red]unknown status[/red] {state!r}")
+        err.print(f"[red]unknown status[/red] {literal(repr(state))}")
         raise typer.Exit(2)
     found = admin.list_jobs(_factory(settings), admin.JobFilter(
         status=state, model=model, modality=modality, created_from=since, text=search),
@@ -140,7 +141,8 @@ def jobs_list(config: ConfigOption = None,
     table = Table("job", "state", "model", "modality", "study UID", "queued", "inference",
                   "attempts", title=f"Jobs (page {found.page}, {found.total} in all)")
     for j in found.items:
-        table.add_row(str(j.id), j.status, j.model, j.modality, j.study_uid, _when(j.created_at),
+        table.add_row(str(j.id), literal(j.status), literal(j.model), literal(j.modality),
+                      literal(j.study_uid), _when(j.created_at),
                       f"{j.inference_seconds:.2f} s" if j.inference_seconds is not None else "",
                       f"{j.attempts}/{j.max_attempts}")
     out.print(table)
@@ -153,25 +155,27 @@ def jobs_show(job_id: int, config: ConfigOption = None, as_json: JsonOption = Fa
     try:
         detail = admin.job_detail(_factory(settings), job_id)
     except NotFound as exc:
-        err.print(f"[red]{exc}[/red]")
+        err.print(f"[red]{literal(exc)}[/red]")
         raise typer.Exit(1) from None
     if as_json:
         _json(detail)
         return
     j = detail.job
-    out.print(f"[bold]job {j.id}[/bold] {j.status}: {j.model} on {j.modality} series "
-              f"{j.series_uid} (study {j.study_uid}), attempt {j.attempts}/{j.max_attempts}")
+    out.print(f"[bold]job {j.id}[/bold] {literal(j.status)}: {literal(j.model)} on "
+              f"{literal(j.modality)} series {literal(j.series_uid)} "
+              f'"{literal(j.series_description)}" (study {literal(j.study_uid)}, accession '
+              f"{literal(j.accession_number or '-')}), attempt {j.attempts}/{j.max_attempts}")
     if j.last_error:
-        out.print(f"[red]error:[/red] {j.last_error}")
+        out.print(f"[red]error:[/red] {literal(j.last_error)}")
     timeline = Table("event", "time (UTC)", "detail", title="Timeline")
     for e in detail.timeline:
-        timeline.add_row(e.event, _when(e.at), e.detail)
+        timeline.add_row(literal(e.event), _when(e.at), literal(e.detail))
     out.print(timeline)
     results = Table("result", "object", "destination", "state", "attempts", "sent",
                     title="Results")
     for r in detail.results:
-        results.add_row(str(r.id), r.kind, r.destination, r.status, str(r.attempts),
-                        _when(r.sent_at))
+        results.add_row(str(r.id), literal(r.kind), literal(r.destination), literal(r.status),
+                        str(r.attempts), _when(r.sent_at))
     out.print(results)
 
 
@@ -204,7 +208,7 @@ def jobs_resend(job_id: int, destination: str, config: ConfigOption = None) -> N
     """Send a done job's results to DESTINATION again."""
     settings = settings_or_exit(config)
     if destination not in {d.name for d in settings.destinations}:
-        err.print(f"[red]unknown destination[/red] {destination!r}")
+        err.print(f"[red]unknown destination[/red] {literal(repr(destination))}")
         raise typer.Exit(2)
     factory = _factory(settings)
 
@@ -231,8 +235,8 @@ def studies_list(config: ConfigOption = None,
     for s in found.items:
         series = ", ".join(f"{se.modality} {se.series_description} ({se.instance_count})".strip()
                            for se in s.series)
-        table.add_row(s.study_uid, _when(s.last_received_at), _when(s.completed_at),
-                      str(s.jobs), series)
+        table.add_row(literal(s.study_uid), _when(s.last_received_at), _when(s.completed_at),
+                      str(s.jobs), literal(series))
     out.print(table)
 
 
@@ -260,7 +264,7 @@ def destinations_echo(names: Annotated[list[str] | None, typer.Argument(
     try:
         dests = [settings.destination(n) for n in names] if names else settings.destinations
     except KeyError as exc:
-        err.print(f"[red]unknown destination[/red] {exc}")
+        err.print(f"[red]unknown destination[/red] {literal(exc)}")
         raise typer.Exit(2) from None
     quiet_pynetdicom()
     factory = _factory(settings)
@@ -268,7 +272,7 @@ def destinations_echo(names: Annotated[list[str] | None, typer.Argument(
     with Progress(console=err, transient=True, disable=as_json) as progress:
         task = progress.add_task("C-ECHO", total=len(dests))
         for dest in dests:
-            progress.update(task, description=f"C-ECHO {dest.name}")
+            progress.update(task, description=f"C-ECHO {literal(dest.name)}")
             result = echo(dest, settings.dicom.ae_title)
             admin.record_echo(factory, dest.name, result.ok, result.message, _actor(), utcnow())
             outcomes.append({"destination": dest.name, "ok": result.ok,
@@ -293,7 +297,7 @@ def hash_secret(
 
     if token:
         secret = new_token()
-        err.print(f"token (give it to the client, it is not stored): {secret}")
+        err.print(f"token (give it to the client, it is not stored): {literal(secret)}")
     elif secret is None:
         secret = typer.prompt("secret", hide_input=True, confirmation_prompt=True)
     typer.echo(make_hash(secret))

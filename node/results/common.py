@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import warnings
 from collections.abc import Hashable, Iterator, Sequence
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 from typing import TypedDict
 
 from highdicom.sr import CodedConcept
+from highdicom.valuerep import _check_specific_character_set  # private; pinned < 0.29
 from pydicom import config
+from pydicom.charset import STAND_ALONE_ENCODINGS, python_encoding
 from pydicom.datadict import dictionary_is_retired, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -30,6 +33,8 @@ from pydicom.valuerep import VR, validate_value
 
 from db.schema import ResultKind as ResultKind  # re-exported to the builders
 from models.base import Code
+
+log = logging.getLogger("ainode.results")
 
 #: Root of every UID this package derives; a hospital may pass its own root instead.
 DEFAULT_UID_PREFIX: str = PYDICOM_ROOT_UID
@@ -49,6 +54,12 @@ _BULK_TAGS = frozenset(tag_for_keyword(keyword) for keyword in _BULK_KEYWORDS)
 
 #: Specific Character Set, which decides how a raw text value reads.
 _CHARSET_TAG = 0x00080005
+
+#: What an empty value 1 of a multi-valued Specific Character Set stands for (PS3.3 C.12.1.1.2).
+_DEFAULT_WITH_EXTENSIONS = "ISO 2022 IR 6"
+
+#: Specific Character Set of a result whose source's cannot be carried over: UTF-8.
+_UTF8 = "ISO_IR 192"
 
 #: Type 2 patient/study attributes highdicom reads with attribute access (they must exist).
 _TYPE2_PATIENT_STUDY = (
@@ -308,8 +319,16 @@ def _copy_element(elem: DataElement | RawDataElement) -> DataElement | RawDataEl
     if isinstance(elem, RawDataElement):
         return elem
     if elem.VR == VR.SQ:
-        return DataElement(elem.tag, VR.SQ, [_copy_dataset(item) for item in elem.value])
+        return DataElement(elem.tag, VR.SQ, [_copy_item(item) for item in elem.value])
     return copy.copy(elem)
+
+
+def _copy_item(item: Dataset) -> Dataset:
+    """Copy a sequence item: the copy's raw text reads with the character set the item
+    inherited from its dataset (PS3.5 7.5.3), as the item's does."""
+    copied = _copy_dataset(item)
+    copied._parent_encoding = item._parent_encoding
+    return copied
 
 
 def _copy_dataset(ds: Dataset, *, header: bool = False) -> Dataset:
@@ -400,6 +419,79 @@ def _clear_invalid_patient_study_values(header: Dataset, verdicts: dict[Hashable
             verdicts[key] = valid
 
 
+def _charset_terms(value: str | Sequence[str] | None) -> list[str]:
+    """The defined terms of a Specific Character Set value, stripped, without empty ones.
+
+    An empty value 1 of several is the ISO 2022 IR 6 it stands for (PS3.3
+    C.12.1.1.2); a value that is empty altogether means the default repertoire: no terms.
+    """
+    if value is None:
+        return []
+    terms = [value.strip()] if isinstance(value, str) else [str(v).strip() for v in value]
+    if len(terms) > 1 and not terms[0]:
+        terms[0] = _DEFAULT_WITH_EXTENSIONS
+    return [term for term in terms if term]
+
+
+def _result_charset(terms: list[str]) -> str | list[str] | None:
+    """``terms`` as highdicom's result constructors accept them, or None when they refuse them.
+
+    They accept the defined terms of PS3.3 C.12.1.1.2 that pydicom can also encode,
+    combined as the standard allows (code extensions only with ISO 2022 terms, no
+    multi-byte term first).
+    """
+    if not all(term in python_encoding for term in terms):
+        return None
+    try:
+        checked = _check_specific_character_set(terms)
+    except ValueError:
+        return None
+    return checked if isinstance(checked, str) else list(checked)
+
+
+def _decodable_charset(terms: list[str]) -> list[str]:
+    """The part of ``terms`` pydicom decodes with, without a warning.
+
+    An unknown value 1 reads as the default repertoire (its ASCII decodes, other
+    bytes as pydicom's default, Latin-1); unknown code extensions and stand-alone
+    terms after value 1 are dropped (pydicom ignores them too).
+    """
+    first, *rest = terms
+    if first not in python_encoding:
+        first = _DEFAULT_WITH_EXTENSIONS
+    if first in STAND_ALONE_ENCODINGS:
+        return [first]
+    return [first, *(t for t in rest if t in python_encoding and t not in STAND_ALONE_ENCODINGS)]
+
+
+def _settle_charset(header: Dataset) -> list[str]:
+    """Give ``header`` a Specific Character Set its result can carry; the terms it could
+    not keep (none when it kept them).
+
+    Terms highdicom accepts are kept (an empty value 1 of several becomes ISO 2022
+    IR 6, a value that is empty altogether is removed). Otherwise every raw value of
+    ``header``, its sequence items included, is decoded with what pydicom can make
+    of the terms, and the text is written as UTF-8 (ISO_IR 192). Values already
+    decoded are text and stay as they are.
+    """
+    if _CHARSET_TAG not in header:
+        return []
+    terms = _charset_terms(header.SpecificCharacterSet)
+    if not terms:
+        del header[_CHARSET_TAG]
+        return []
+    charset = _result_charset(terms)
+    if charset is not None:
+        header.SpecificCharacterSet = charset
+        return []
+    header.SpecificCharacterSet = _decodable_charset(terms)
+    # Reading an element decodes it, in sequence items too (a raw one would be
+    # written as its source bytes); what is decoded is written in the new set.
+    header.walk(lambda _ds, _elem: None)
+    header.SpecificCharacterSet = _UTF8
+    return terms
+
+
 def _drop_invalid_spacing(header: Dataset) -> None:
     """Delete a pixel spacing attribute whose values are not two positive numbers.
 
@@ -428,13 +520,19 @@ def source_headers(sources: Sequence[Dataset]) -> list[Dataset]:
     a Patient's Sex outside M/F/O. A Pixel Spacing, Imager Pixel Spacing or
     Nominal Scanned Pixel Spacing that is not two positive numbers (``0\\0``) is
     dropped. Valid values are kept unchanged. The caller's datasets are not modified.
+
+    A Specific Character Set highdicom refuses (an unknown term, a bad combination)
+    becomes UTF-8, the text decoded as far as its terms allow; one warning is logged.
     """
     check_sources(sources)
     headers: list[Dataset] = []
     verdicts: dict[Hashable, bool] = {}
+    refused: set[str] = set()
     for ds in sources:
         header = _copy_header(ds)
         with _quiet_conversion():
+            if terms := _settle_charset(header):
+                refused.add("\\".join(terms))
             _clear_invalid_patient_study_values(header, verdicts)
             if header.get("PatientSex", "") not in ("", *_PATIENT_SEX_VALUES):
                 header.PatientSex = None
@@ -443,6 +541,10 @@ def source_headers(sources: Sequence[Dataset]) -> list[Dataset]:
                     setattr(header, keyword, None)
             _drop_invalid_spacing(header)
         headers.append(header)
+    if refused:
+        log.warning("study %s: Specific Character Set %s not usable in results; their text "
+                    "is re-encoded as %s", sources[0].StudyInstanceUID,
+                    " or ".join(sorted(refused)), _UTF8)
     return headers
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -12,15 +13,19 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from db.audit import AuditEntry
+from db.queue import claim_job, fail_job, record_instance
 from node.cli.main import app
 from node.runtime.clock import utcnow
 from node.settings import DicomSettings
-from tests.conftest import Factory
+from tests.conftest import T0, Factory, dispatch, meta
 from tests.integration.test_admin_api import ACCESSION, seed
 from tests.peers import free_port
 from tests.receiver import running_receiver
 
 runner = CliRunner()
+
+#: Rich markup that is not well formed: printed as markup, it makes rich raise MarkupError.
+EVIL = "[/]evil[bold]x"
 
 
 @pytest.fixture
@@ -98,6 +103,42 @@ def test_studies_list(config: Path, data: dict[str, int]) -> None:
     body = json.loads(output)
     assert body["total"] == 2
     assert sum(se["instance_count"] for st in body["items"] for se in st["series"]) == 4
+
+
+@pytest.fixture
+def hostile(factory: Factory) -> int:
+    """A study whose DICOM texts are rich markup, and its failed job: the job id."""
+    instance = dataclasses.replace(meta("1.2.66.1.1", series="1.2.66.1", study="1.2.66"),
+                                   series_description=EVIL, accession_number="[red]ACC")
+    record_instance(factory, instance, T0)
+    (job_id,) = dispatch(factory, T0 + timedelta(minutes=5))
+    claimed = claim_job(factory, "w:1", T0 + timedelta(minutes=6), 60)
+    assert claimed is not None and claimed.id == job_id
+    fail_job(factory, job_id, "w:1", T0 + timedelta(minutes=7), f"ValueError: {EVIL}\x1b[2J",
+             retry=False)
+    return job_id
+
+
+def test_stored_markup_is_printed_literally(config: Path, hostile: int) -> None:
+    code, output = ainode("studies", "list", "-c", str(config))
+    assert code == 0, output
+    assert EVIL in output  # in a table cell: "CT [/]evil[bold]x (1)", wrapped
+    code, output = ainode("jobs", "show", str(hostile), "-c", str(config))
+    assert code == 0, output
+    words = " ".join(output.split())  # the lines as rich wraps them, joined
+    assert f'series 1.2.66.1 "{EVIL}" (study 1.2.66, accession [red]ACC)' in words
+    assert f"error: ValueError: {EVIL}\\x1b[2J" in words  # shown, not clearing the screen
+    assert "\x1b" not in output
+    code, output = ainode("jobs", "list", "-c", str(config), "-q", "[red]ACC")
+    assert code == 0, output
+    assert "1.2.66" in output
+
+
+def test_configuration_error_with_markup_is_printed_literally(tmp_path: Path) -> None:
+    path = tmp_path / "[" / "]evil[bold]x.toml"  # missing: the error names it
+    code, output = ainode("check-config", str(path))
+    assert code == 2, output
+    assert f"{path}:cannotread" in "".join(output.split())  # as rich folds it, rejoined
 
 
 @pytest.fixture

@@ -25,8 +25,9 @@ class AdminServer:
     """uvicorn in a daemon thread; :meth:`stop` lets in-flight requests finish."""
 
     def __init__(self, app: FastAPI, host: str, port: int) -> None:
+        # log_config=None: uvicorn's lines go through the node's one-line formatter too
         config = uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                access_log=False, lifespan="off")
+                                access_log=False, lifespan="off", log_config=None)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="admin-http", daemon=True)
         self.address = f"{host}:{port}"

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from node.cli import ops
@@ -39,7 +40,13 @@ def serve(config: ConfigOption = None) -> None:
 
     settings = settings_or_exit(config)
     configure(settings.logging.level)
-    raise typer.Exit(run(settings, config))
+    try:
+        code = run(settings, config)
+    except ConfigError as exc:  # a start-up check failed: nothing was started
+        err.print(f"[red]configuration error:[/red] {config or 'embedded default config'}: "
+                  f"{escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
 
 
 @app.command(hidden=True)
@@ -89,22 +96,14 @@ def worker(config: ConfigOption = None,
 
 @app.command("check-config")
 def check_config(path: Annotated[Path, typer.Argument(help="TOML configuration file.")]) -> None:
-    """Validate a configuration file without serving."""
-    from models.base import ModelError
-    from node.infer.plugins import available_models
+    """Validate a configuration file without serving: every check serve makes at start."""
+    from node.runtime.serve import startup_problems
 
     settings = settings_or_exit(path)
-    try:
-        known = available_models(settings)
-        for model in settings.models:  # checks the weights file and its hash
-            known[model.name]()
-    except (ConfigError, ModelError, ValueError) as exc:
-        err.print(f"[red]configuration error:[/red] {path}: models: {exc}")
-        raise typer.Exit(2) from None
-    missing = sorted({m for r in settings.routes for m in r.models} - set(known))
-    if missing:
-        err.print(f"[red]configuration error:[/red] {path}: routes name unknown model(s) "
-                  f"{', '.join(missing)}; installed: {', '.join(sorted(known))}")
+    problems = startup_problems(settings)
+    for problem in problems:
+        err.print(f"[red]configuration error:[/red] {path}: {escape(problem)}", soft_wrap=True)
+    if problems:
         raise typer.Exit(2)
     typer.echo(f"{path}: OK ({len(settings.routes)} route(s), "
                f"{len(settings.destinations)} destination(s))")

@@ -89,6 +89,9 @@ class ResultRow:
     created_at: datetime
     sent_at: datetime | None
     last_error: str | None
+    warning_status: int | None = None
+    """The destination stored it with this warning status (e.g. 0xB000 = 45056)."""
+    warning: str | None = None
 
 
 @dataclass(frozen=True)
@@ -239,7 +242,8 @@ def _result_row(r: Result) -> ResultRow:
     return ResultRow(id=r.id, job_id=r.job_id, destination=r.destination, kind=r.kind,
                      sop_class_uid=r.sop_class_uid, sop_instance_uid=r.sop_instance_uid,
                      path=r.path, status=r.status.value, attempts=r.attempts,
-                     created_at=r.created_at, sent_at=r.sent_at, last_error=r.last_error)
+                     created_at=r.created_at, sent_at=r.sent_at, last_error=r.last_error,
+                     warning_status=r.warning_status, warning=r.warning)
 
 
 def _timeline(job: Job, series: Series, study: Study, results: list[Result]

@@ -140,6 +140,14 @@ class ResultRecord:
     attempts: int
 
 
+@dataclass(frozen=True)
+class StoreWarning:
+    """A destination stored an object but answered with a warning status (0xBxxx)."""
+
+    status: int
+    text: str
+
+
 def _is_postgresql(s: Session) -> bool:
     return s.bind is not None and s.bind.dialect.name == "postgresql"
 
@@ -552,9 +560,11 @@ def claim_results(factory: SessionFactory, owner: str, now: datetime, lease_seco
 
 
 def mark_sent(factory: SessionFactory, result_id: int, now: datetime,
-              owner: str | None = None) -> bool:
+              owner: str | None = None, *, warning: StoreWarning | None = None) -> bool:
     """Record the destination's acknowledgement; False when it was already recorded.
 
+    With ``warning`` the destination stored the object with a warning status: it is
+    delivered all the same (SENT, never resent), and the warning is kept on the row.
     Not fenced by ``owner``: an acknowledged object is delivered, even if this
     sender's lease ran out meanwhile (the other sender's resend is then a harmless
     overwrite of the same SOP Instance UID).
@@ -564,7 +574,9 @@ def mark_sent(factory: SessionFactory, result_id: int, now: datetime,
         return _rowcount(s,
             update(Result).where(Result.id == result_id, Result.status != ResultStatus.SENT)
             .values(status=ResultStatus.SENT, sent_at=now, attempts=Result.attempts + 1,
-                    last_error=None, lease_owner=None, lease_expires_at=None)
+                    last_error=None, lease_owner=None, lease_expires_at=None,
+                    warning_status=None if warning is None else warning.status,
+                    warning=None if warning is None else warning.text[:2000])
         ) == 1
 
 

@@ -208,5 +208,10 @@ class Result(Base):
     created_at: Mapped[datetime]
     sent_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
+    warning_status: Mapped[int | None] = mapped_column(Integer)
+    """The destination's warning status (0xBxxx, e.g. 0xB000 coercion of data elements) when it
+    stored the object with a warning; None for a plain success."""
+    warning: Mapped[str | None] = mapped_column(Text)
+    """What the warning status means, and the destination's error comment if it sent one."""
 
     job: Mapped[Job] = relationship(back_populates="results")

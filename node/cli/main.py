@@ -38,7 +38,13 @@ def serve(config: ConfigOption = None) -> None:
 
     settings = settings_or_exit(config)
     configure(settings.logging.level)
-    raise typer.Exit(run(settings, config))
+    try:
+        code = run(settings, config)
+    except ConfigError as exc:  # a start-up check failed: nothing was started
+        err.print(f"[red]configuration error:[/red] {config or 'embedded default config'}: "
+                  f"{escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
 
 
 @app.command(hidden=True)
@@ -88,23 +94,14 @@ def worker(config: ConfigOption = None,
 
 @app.command("check-config")
 def check_config(path: Annotated[Path, typer.Argument(help="TOML configuration file.")]) -> None:
-    """Validate a configuration file without serving."""
-    from models.base import ModelError
-    from node.infer.plugins import available_models
+    """Validate a configuration file without serving: every check serve makes at start."""
+    from node.runtime.serve import startup_problems
 
     settings = settings_or_exit(path)
-    try:
-        known = available_models(settings)
-        for model in settings.models:  # checks the weights file and its hash
-            known[model.name]()
-    except (ConfigError, ModelError, ValueError) as exc:
-        err.print(f"[red]configuration error:[/red] {literal(path)}: models: {literal(exc)}")
-        raise typer.Exit(2) from None
-    missing = sorted({m for r in settings.routes for m in r.models} - set(known))
-    if missing:
-        err.print(f"[red]configuration error:[/red] {literal(path)}: routes name unknown "
-                  f"model(s) {literal(', '.join(missing))}; installed: "
-                  f"{literal(', '.join(sorted(known)))}")
+    problems = startup_problems(settings)
+    for problem in problems:
+        err.print(f"[red]configuration error:[/red] {literal(path)}: {literal(problem)}", soft_wrap=True)
+    if problems:
         raise typer.Exit(2)
     typer.echo(f"{path}: OK ({len(settings.routes)} route(s), "
                f"{len(settings.destinations)} destination(s))")

@@ -20,12 +20,26 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
-from pynetdicom.status import GENERAL_STATUS, Status
+from pynetdicom.status import (
+    GENERAL_STATUS,
+    STATUS_WARNING,
+    STORAGE_SERVICE_CLASS_STATUS,
+    Status,
+    code_to_category,
+)
 
-from db.queue import ResultRecord, SessionFactory, claim_results, mark_send_failed, mark_sent
+from db.queue import (
+    ResultRecord,
+    SessionFactory,
+    StoreWarning,
+    claim_results,
+    mark_send_failed,
+    mark_sent,
+)
 from node.dimse import VERIFICATION
 from node.errors import SendError
 from node.runtime.faults import crash_point
@@ -96,8 +110,27 @@ def echo(dest: Destination, calling: str, timeout: float = 10.0,
     return EchoResult(False, f"C-ECHO failed: {code}")
 
 
-def _store(assoc: Association, path: str) -> None:
-    """C-STORE one file; raise :class:`SendError` unless the destination accepted it."""
+def store_warning(status: Dataset) -> StoreWarning | None:
+    """The warning of a C-STORE response whose status is a warning (stored all the same).
+
+    Storage warnings are 0xBxxx (PS3.4 B.2.3: 0xB000 coercion of data elements, 0xB006
+    elements discarded, 0xB007 data set does not match the SOP class), and the general
+    warnings 0x0001, 0x0107, 0x0116 (PS3.7 C). The text is the status's meaning and the
+    destination's Error Comment, if it sent one.
+    """
+    code = int(status.Status)
+    if code_to_category(code) != STATUS_WARNING:
+        return None
+    _category, meaning = STORAGE_SERVICE_CLASS_STATUS.get(
+        code, GENERAL_STATUS.get(code, ("Warning", "Warning")))
+    comment = str(status.get("ErrorComment", "") or "").strip()
+    text = f"C-STORE warning 0x{code:04X}: {meaning}" + (f" ({comment})" if comment else "")
+    return StoreWarning(code, text)
+
+
+def _store(assoc: Association, path: str) -> StoreWarning | None:
+    """C-STORE one file: None when stored, its warning when stored with a warning status;
+    raise :class:`SendError` unless the destination stored it."""
     try:
         status = assoc.send_c_store(path)
     except ValueError as exc:  # no accepted presentation context for this SOP class
@@ -106,19 +139,23 @@ def _store(assoc: Association, path: str) -> None:
     if not status or "Status" not in status:
         raise SendError("no response to C-STORE (timeout or abort)")
     code = int(status.Status)
-    if code == Status.SUCCESS or code & 0xF000 == 0xB000:  # storage warnings: Bxxx (PS3.4 B.2.3)
-        return
+    if code == Status.SUCCESS:
+        return None
+    warning = store_warning(status)
+    if warning is not None:
+        return warning
     raise SendError(f"C-STORE status 0x{code:04X}", retryable=code not in PERMANENT_STATUSES)
 
 
 def deliver(dest: Destination, calling: str, results: Sequence[ResultRecord], root: str,
-            timeout: float, on_sent: Callable[[ResultRecord], None],
+            timeout: float, on_sent: Callable[[ResultRecord, StoreWarning | None], None],
             on_failed: Callable[[ResultRecord, SendError], None],
             tls: tuple[ssl.SSLContext, str] | None = None) -> SendError | None:
     """Send ``results`` to one destination over one association (TLS with ``tls``).
 
     Returns the connection-level failure (no association, or it was lost), if any;
-    per-object refusals are reported through ``on_failed`` only.
+    per-object refusals are reported through ``on_failed`` only; ``on_sent`` gets the
+    warning of an object stored with a warning status.
     """
     ae = _ae(dest.calling_ae_title or calling, timeout)
     for sop_class in sorted({r.sop_class_uid for r in results}):
@@ -137,12 +174,12 @@ def deliver(dest: Destination, calling: str, results: Sequence[ResultRecord], ro
                 on_failed(result, lost)
                 continue
             try:
-                _store(assoc, f"{root}/{result.path}")
+                warning = _store(assoc, f"{root}/{result.path}")
             except SendError as exc:
                 on_failed(result, exc)
             else:
                 crash_point("sender.stored")
-                on_sent(result)
+                on_sent(result, warning)
         if lost is None and not assoc.is_established:  # e.g. aborted after a C-STORE timeout
             lost = SendError("association lost during the transfer")
     finally:
@@ -190,12 +227,17 @@ def _send_batch(settings: Settings, factory: SessionFactory, clock: Callable[[],
         by_dest[result.destination].append(result)
     sent = 0
 
-    def on_sent(result: ResultRecord) -> None:
+    def on_sent(result: ResultRecord, warning: StoreWarning | None) -> None:
         nonlocal sent
-        mark_sent(factory, result.id, clock(), owner)
+        mark_sent(factory, result.id, clock(), owner, warning=warning)
         sent += 1
-        log.info("result %d (%s sop=%s) acknowledged by %s", result.id, result.kind,
-                 result.sop_instance_uid, result.destination)
+        if warning is None:
+            log.info("result %d (%s sop=%s) acknowledged by %s", result.id, result.kind,
+                     result.sop_instance_uid, result.destination)
+        else:
+            log.warning("result %d (%s sop=%s) stored by %s with a warning, status 0x%04X: %s",
+                        result.id, result.kind, result.sop_instance_uid, result.destination,
+                        warning.status, warning.text)
 
     def on_failed(result: ResultRecord, exc: SendError) -> None:
         now = clock()

@@ -153,6 +153,17 @@ def test_units_are_hardened(tmp_path: Path) -> None:
     assert "TimeoutStopSec=90" in (DEPLOY / "ainode.service").read_text()
 
 
+def test_units_bound_memory_tasks_and_open_files() -> None:
+    for unit in UNITS:
+        text = (DEPLOY / unit).read_text()
+        service = text.split("[Service]", 1)[1].split("[Install]", 1)[0]
+        for key in ("MemoryMax", "TasksMax", "LimitNOFILE"):
+            (value,) = re.findall(rf"^{key}=(\S+)$", service, re.MULTILINE)
+            assert value not in {"infinity", "0"}, f"{unit}: {key}={value}"
+        commented = service.split("MemoryMax=", 1)[0].rsplit("\n\n", 1)[1]
+        assert "MemoryMax" in commented and "TasksMax" in commented, f"{unit}: undocumented"
+
+
 def test_example_config_is_valid() -> None:
     settings = parse_settings((DEPLOY / "ainode.example.toml").read_text())
     assert settings.workers.count == 0  # workers come from ainode-worker@N

@@ -41,8 +41,9 @@ def serve(config: ConfigOption = None) -> None:
     try:
         code = run(settings, config)
     except ConfigError as exc:  # a start-up check failed: nothing was started
-        err.print(f"[red]configuration error:[/red] {config or 'embedded default config'}: "
-                  f"{escape(str(exc))}", soft_wrap=True)
+        err.print(f"[red]configuration error:[/red] "
+                  f"{literal(config or 'embedded default config')}: {literal(exc)}",
+                  soft_wrap=True)
         raise typer.Exit(2) from None
     raise typer.Exit(code)
 
@@ -100,7 +101,8 @@ def check_config(path: Annotated[Path, typer.Argument(help="TOML configuration f
     settings = settings_or_exit(path)
     problems = startup_problems(settings)
     for problem in problems:
-        err.print(f"[red]configuration error:[/red] {literal(path)}: {literal(problem)}", soft_wrap=True)
+        err.print(f"[red]configuration error:[/red] {literal(path)}: {literal(problem)}",
+                  soft_wrap=True)
     if problems:
         raise typer.Exit(2)
     typer.echo(f"{path}: OK ({len(settings.routes)} route(s), "

@@ -609,6 +609,23 @@ def mark_send_failed(factory: SessionFactory, result_id: int, now: datetime, err
         return result.status
 
 
+def release_results(factory: SessionFactory, result_ids: Collection[int], owner: str,
+                    now: datetime) -> int:
+    """Give claimed results back unattempted (PENDING, due ``now``, attempts unchanged).
+
+    For the objects of a batch that were never offered to the destination because the
+    association was lost before their turn. Fenced by the claim; returns how many.
+    """
+    if not result_ids:
+        return 0
+    with factory.begin() as s:
+        return _rowcount(s, update(Result).where(
+            Result.id.in_(list(result_ids)), Result.status == ResultStatus.SENDING,
+            Result.lease_owner == owner,
+        ).values(status=ResultStatus.PENDING, lease_owner=None, lease_expires_at=None,
+                 next_attempt_at=now).execution_options(synchronize_session=False))
+
+
 def count_jobs(factory: SessionFactory) -> dict[str, int]:
     with reading(factory) as s:
         rows = s.execute(select(Job.status, func.count()).group_by(Job.status)).all()

@@ -39,6 +39,7 @@ from db.queue import (
     claim_results,
     mark_send_failed,
     mark_sent,
+    release_results,
 )
 from node.dimse import VERIFICATION
 from node.errors import SendError
@@ -150,12 +151,16 @@ def _store(assoc: Association, path: str) -> StoreWarning | None:
 def deliver(dest: Destination, calling: str, results: Sequence[ResultRecord], root: str,
             timeout: float, on_sent: Callable[[ResultRecord, StoreWarning | None], None],
             on_failed: Callable[[ResultRecord, SendError], None],
-            tls: tuple[ssl.SSLContext, str] | None = None) -> SendError | None:
+            tls: tuple[ssl.SSLContext, str] | None = None,
+            on_skipped: Callable[[Sequence[ResultRecord]], None] | None = None
+            ) -> SendError | None:
     """Send ``results`` to one destination over one association (TLS with ``tls``).
 
     Returns the connection-level failure (no association, or it was lost), if any;
     per-object refusals are reported through ``on_failed`` only; ``on_sent`` gets the
-    warning of an object stored with a warning status.
+    warning of an object stored with a warning status. Objects never offered because
+    the association was lost before their turn go to ``on_skipped`` (no attempt made;
+    without it, they count as failed).
     """
     ae = _ae(dest.calling_ae_title or calling, timeout)
     for sop_class in sorted({r.sop_class_uid for r in results}):
@@ -168,11 +173,16 @@ def deliver(dest: Destination, calling: str, results: Sequence[ResultRecord], ro
         return error
     lost: SendError | None = None
     try:
-        for result in results:
+        for index, result in enumerate(results):
             if not assoc.is_established:
                 lost = SendError("association lost before this object was sent")
-                on_failed(result, lost)
-                continue
+                rest = results[index:]
+                if on_skipped is not None:
+                    on_skipped(rest)
+                else:
+                    for skipped in rest:
+                        on_failed(skipped, lost)
+                break
             try:
                 warning = _store(assoc, f"{root}/{result.path}")
             except SendError as exc:
@@ -249,6 +259,11 @@ def _send_batch(settings: Settings, factory: SessionFactory, clock: Callable[[],
                     result.id, result.kind, result.sop_instance_uid, result.destination,
                     result.attempts + 1, exc, status.value)
 
+    def on_skipped(results: Sequence[ResultRecord]) -> None:
+        released = release_results(factory, [r.id for r in results], owner, clock())
+        log.warning("association to %s lost: %d result(s) not offered, queued again "
+                    "without counting an attempt", results[0].destination, released)
+
     for name, results in by_dest.items():
         try:
             dest = settings.destination(name)
@@ -262,7 +277,7 @@ def _send_batch(settings: Settings, factory: SessionFactory, clock: Callable[[],
         try:
             failure = deliver(dest, settings.dicom.ae_title, results, str(settings.storage.dir),
                               settings.send.timeout_seconds, on_sent, on_failed,
-                              tls_args(dest, settings.dicom.tls))
+                              tls_args(dest, settings.dicom.tls), on_skipped)
         finally:
             if breaker is not None:
                 if failure is None:

@@ -318,9 +318,16 @@ def dispatch_stable_studies(
                 row.pending = False
                 row.runs = info.run
                 for job_plan in plans:
+                    # A new run of the same series and model supersedes the last one: the
+                    # same seed gives its results the same UIDs, so they replace the earlier
+                    # objects in the PACS instead of standing beside them.
+                    earlier = s.scalar(select(Job.uid_seed).where(
+                        Job.series_id == row.id, Job.model == job_plan.model,
+                    ).order_by(Job.id.desc()).limit(1))
                     job = Job(series_id=row.id, study_id=study_id, model=job_plan.model,
                               route=job_plan.route, destinations=list(job_plan.destinations),
-                              run=info.run, uid_seed=uuid.uuid4().hex, status=JobStatus.QUEUED,
+                              run=info.run, uid_seed=earlier or uuid.uuid4().hex,
+                              status=JobStatus.QUEUED,
                               attempts=0, max_attempts=max_attempts, created_at=now)
                     s.add(job)
                     s.flush()
@@ -411,7 +418,10 @@ def complete_job(factory: SessionFactory, job_id: int, owner: str, now: datetime
                  kinds: Mapping[str, Collection[ResultKind]] | None = None) -> bool:
     """Mark the job done and put its results in the outbox, in one transaction.
 
-    ``kinds`` maps a destination to the result kinds it takes (all when absent).
+    ``kinds`` maps a destination to the result kinds it takes (all when absent). An
+    object that an earlier run of the same series and model produced (same SOP
+    Instance UID, see :func:`dispatch_stable_studies`) is taken over: its outbox row
+    now belongs to this job and is sent again, as a replacement.
     """
     with factory.begin() as s:
         done = _rowcount(s,
@@ -428,11 +438,21 @@ def complete_job(factory: SessionFactory, job_id: int, owner: str, now: datetime
             for spec in results:
                 if kinds is not None and dest in kinds and spec.kind not in kinds[dest]:
                     continue
-                s.add(Result(job_id=job_id, destination=dest, kind=spec.kind,
-                             sop_class_uid=spec.sop_class_uid,
-                             sop_instance_uid=spec.sop_instance_uid, path=spec.path,
-                             status=ResultStatus.PENDING, attempts=0, next_attempt_at=now,
-                             created_at=now))
+                row = s.scalar(_locked(s, select(Result).where(
+                    Result.destination == dest, Result.sop_instance_uid == spec.sop_instance_uid)))
+                if row is None:
+                    s.add(Result(job_id=job_id, destination=dest, kind=spec.kind,
+                                 sop_class_uid=spec.sop_class_uid,
+                                 sop_instance_uid=spec.sop_instance_uid, path=spec.path,
+                                 status=ResultStatus.PENDING, attempts=0, next_attempt_at=now,
+                                 created_at=now))
+                    continue
+                row.job_id, row.kind, row.sop_class_uid, row.path = (
+                    job_id, spec.kind, spec.sop_class_uid, spec.path)
+                row.status, row.attempts, row.next_attempt_at = ResultStatus.PENDING, 0, now
+                row.lease_owner = row.lease_expires_at = row.sent_at = None
+                row.last_error = row.warning = None
+                row.warning_status = None
     return True
 
 

@@ -139,6 +139,7 @@ def start_orthanc(workdir: Path, node_port: int, *, aet: str = "ORTHANC",
         "StorageDirectory": str(workdir / "storage"), "IndexDirectory": str(workdir / "index"),
         "DicomModalities": {"AINODE": ["AINODE", "127.0.0.1", node_port]},
         "StableAge": 3600,
+        "OverwriteInstances": True,  # as deploy/orthanc: a new run's results replace the last
     }
     cfg = workdir / "orthanc.json"
     cfg.write_text(json.dumps(config))

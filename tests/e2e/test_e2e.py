@@ -8,6 +8,7 @@ is killed with queued work.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 from collections.abc import Iterator
@@ -218,3 +219,35 @@ def test_killed_node_with_queued_work_loses_nothing(tmp_path: Path, node_port: i
     node = start_node(config, node_port, tmp_path / "node2.log")
     started.append(node)
     assert_delivered_once(orthanc, db)
+
+
+def test_late_images_replace_the_results_instead_of_adding_contradicting_ones(
+        tmp_path: Path, node_port: int, orthanc: Orthanc, db: Engine,
+        started: list[Any]) -> None:
+    """A study completed, its results sent; then more of its images arrive. The new run's
+    SEG and SR carry the first run's UIDs, so Orthanc holds one SEG and one SR, and they
+    are the new ones (covering every slice), not two results that disagree."""
+    config = config_for(tmp_path, node_port, orthanc.dicom_port)
+    node = start_node(config, node_port, tmp_path / "node.log")
+    started.append(node)
+    first, late = CT_FILES[:20], CT_FILES[20:]
+    assert storescu(node_port, first).returncode == 0
+    found = assert_delivered_once(orthanc, db)
+    seg_uid = orthanc.get(f"/instances/{instances_of(orthanc, found['SEG'][0])[0]}/simplified-tags")
+    assert storescu(node_port, late).returncode == 0
+    wait_until(lambda: len([j for j in jobs(db) if j.status is JobStatus.DONE]) == 2,
+               RESULT_TIMEOUT, interval=0.5, what="the second run done")
+    wait_until(lambda: all(r.status is ResultStatus.SENT for r in results(db)), 60,
+               what="the replacements sent")
+    again = results_in_pacs(orthanc)
+    assert again == found  # the same SEG and SR series in the PACS, no second set
+    for series in (again["SEG"][0], again["SR"][0]):
+        assert len(instances_of(orthanc, series)) == 1
+    (seg_id,) = instances_of(orthanc, again["SEG"][0])
+    seg = hd.seg.segread(io.BytesIO(orthanc.get_bytes(f"/instances/{seg_id}/file")))
+    assert seg.SOPInstanceUID == seg_uid["SOPInstanceUID"]
+    refs = {ref.ReferencedSOPInstanceUID for series in seg.ReferencedSeriesSequence
+            for ref in series.ReferencedInstanceSequence}
+    late_uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in late}
+    assert refs & late_uids  # the replacement is the second run's: it covers the late slices
+    assert sorted(r.kind for r in results(db)) == ["SEG", "SR"]  # rows taken over, not added

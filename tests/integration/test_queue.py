@@ -24,7 +24,7 @@ from db.queue import (
     requeue_expired,
     skip_job,
 )
-from db.schema import Job, JobStatus, ResultStatus, Series, Study
+from db.schema import Job, JobStatus, Result, ResultStatus, Series, Study
 from tests.conftest import T0, Factory, assert_schema_matches, dispatch, meta, one_model
 
 
@@ -89,7 +89,29 @@ def test_late_instance_starts_a_new_run(factory: Factory) -> None:
         runs = [j.run for j in s.scalars(select(Job).order_by(Job.id))]
         seeds = {j.uid_seed for j in s.scalars(select(Job))}
     assert runs == [1, 2]
-    assert len(seeds) == 2
+    assert len(seeds) == 1  # the new run supersedes the first: same result UIDs
+
+
+def test_a_new_run_replaces_the_earlier_results_in_the_outbox(factory: Factory) -> None:
+    """The second run's objects have the first run's UIDs: their outbox rows are taken
+    over and sent again (replacing the objects in the PACS), never added beside them."""
+    record_instance(factory, meta("1.9.1"), T0)
+    (first,) = dispatch(factory, T0 + timedelta(seconds=61))
+    spec = ResultSpec("SR", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.9.1", "results/job-1/sr.dcm")
+    assert claim_job(factory, "w", T0 + timedelta(seconds=62), 60) is not None
+    assert complete_job(factory, first, "w", T0 + timedelta(seconds=63), [spec], 1.0)
+    with factory() as s:
+        sent = s.scalars(select(Result)).one()
+    assert mark_sent(factory, sent.id, T0 + timedelta(seconds=64))
+    record_instance(factory, meta("1.9.2"), T0 + timedelta(seconds=300))  # a late instance
+    (second,) = dispatch(factory, T0 + timedelta(seconds=361))
+    assert claim_job(factory, "w", T0 + timedelta(seconds=362), 60) is not None
+    again = ResultSpec("SR", spec.sop_class_uid, spec.sop_instance_uid, "results/job-2/sr.dcm")
+    assert complete_job(factory, second, "w", T0 + timedelta(seconds=363), [again], 1.0)
+    with factory() as s:
+        row = s.scalars(select(Result)).one()  # one object in the outbox, not two
+    assert (row.job_id, row.path, row.status, row.attempts, row.sent_at) == (
+        second, "results/job-2/sr.dcm", ResultStatus.PENDING, 0, None)
 
 
 def test_claim_is_atomic_across_threads(factory: Factory) -> None:

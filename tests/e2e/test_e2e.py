@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,11 @@ from typing import Any
 import highdicom as hd
 import pydicom
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from db.schema import Job, JobStatus, Result, ResultStatus
+from db.schema import Instance, Job, JobStatus, Result, ResultStatus
 from tests.peers import (
     CHEST_CT,
     NodeProcess,
@@ -251,3 +252,37 @@ def test_late_images_replace_the_results_instead_of_adding_contradicting_ones(
     late_uids = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in late}
     assert refs & late_uids  # the replacement is the second run's: it covers the late slices
     assert sorted(r.kind for r in results(db)) == ["SEG", "SR"]  # rows taken over, not added
+
+
+def test_a_write_fault_holds_the_study_then_delivers_one_result_set(
+        tmp_path: Path, node_port: int, orthanc: Orthanc, db: Engine,
+        started: list[Any]) -> None:
+    """Some instance files cannot be written for a while (as on a full disk). Every C-STORE
+    is acknowledged once durable in the journal; no job starts on the part of the study
+    already recorded while the rest waits; once the fault clears, without a restart,
+    exactly one SEG and one SR reach the PACS."""
+    config = config_for(tmp_path, node_port, orthanc.dicom_port)
+    node = start_node(config, node_port, tmp_path / "node.log")
+    started.append(node)
+    def recorded() -> int:
+        with Session(db) as s:
+            return int(s.scalar(select(func.count()).select_from(Instance)) or 0)
+
+    assert storescu(node_port, CT_FILES[:10]).returncode == 0
+    wait_until(lambda: recorded() == 10, 30, what="the first 10 slices recorded")
+    late = pydicom.dcmread(CT_FILES[-1], stop_before_pixels=True)
+    blocker = (tmp_path / "var" / "instances" / late.StudyInstanceUID / late.SeriesInstanceUID
+               / f"{late.SOPInstanceUID}.dcm")
+    (blocker / "x").mkdir(parents=True)  # a folder where that file goes: its batch fails
+    out = storescu(node_port, CT_FILES[10:])
+    assert out.returncode == 0 and out.stderr.count("(Success)") == 20  # durable: journal
+    wait_until(lambda: "ingest: cannot write" in node.log(), 30,
+               what="the fault logged")
+    time.sleep(4)  # well past the 1 s quiet period
+    assert recorded() == 10
+    assert jobs(db) == []  # held: not completed on the 10 slices recorded so far
+    (blocker / "x").rmdir()
+    blocker.rmdir()
+    assert_delivered_once(orthanc, db)
+    (job,) = jobs(db)
+    assert recorded() == len(CT_FILES) and job.status is JobStatus.DONE

@@ -161,6 +161,8 @@ class EventDrivenDUL(DULServiceProvider):
 
     _wakeup: _Wakeup
     limits: ReadLimits = ReadLimits()
+    _dataset_bytes: int = 0
+    """Bytes of the data set being assembled from P-DATA fragments so far."""
 
     def _install(self) -> None:
         self._wakeup = _Wakeup()
@@ -215,8 +217,9 @@ class EventDrivenDUL(DULServiceProvider):
             cast(socket.socket, sock.socket).settimeout(self.limits.network_timeout)
         try:
             pdu, event = self._decode_pdu(header + body)
-        except Exception:
-            log.warning("unable to decode a received PDU of type 0x%02X", pdu_type)
+        except Exception as exc:
+            log.warning("refused a received PDU of type 0x%02X, aborting the association: %s",
+                        pdu_type, exc)
             self.event_queue.put("Evt19")
             return
         self.event_queue.put(event)
@@ -261,8 +264,23 @@ class EventDrivenDUL(DULServiceProvider):
             item.presentation_context_id = view[offset + 4]
             item.presentation_data_value = view[offset + 5:offset + 4 + length]  # type: ignore[assignment]
             pdu.presentation_data_value_items.append(item)
+            self._count_fragment(view[offset + 5], length - 2)
             offset += 4 + length
         return pdu, P_DATA_TF_EVENT
+
+    def _count_fragment(self, header: int, length: int) -> None:
+        """Bound the data set being assembled from fragments (PS3.8 E.2 message control
+        header: bit 0 command, bit 1 last fragment): past ``max_instance`` plus slack the
+        PDU is refused (the association is aborted) before pynetdicom gathers more."""
+        if header & 0x01:  # a command fragment
+            return
+        self._dataset_bytes += length
+        if self._dataset_bytes > self.limits.max_instance + PDU_SLACK:
+            self._dataset_bytes = 0
+            raise ValueError(f"data set larger than {self.limits.max_instance} bytes "
+                             "(dicom.max_instance_mb)")
+        if header & 0x02:  # its last fragment
+            self._dataset_bytes = 0
 
     def _wait(self) -> None:
         """Block until the socket is readable, something was queued, or ``IDLE_WAKE``."""

@@ -10,10 +10,15 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import pydicom
+from pydicom.uid import generate_uid
+
 from node.settings import DicomSettings
 from tests.conftest import Factory
-from tests.peers import echoscu, free_port
+from tests.peers import CHEST_CT, echoscu, free_port, storescu
 from tests.receiver import running_receiver
+
+CHEST_CT_FIRST = sorted(CHEST_CT.glob("*.dcm"))[0]
 
 
 @contextmanager
@@ -99,3 +104,27 @@ def test_connections_per_source_address_are_limited(tmp_path: Path, factory: Fac
             assert echoscu(port) != 0  # the third from 127.0.0.1
         time.sleep(0.5)
         assert echoscu(port) == 0  # once they are gone
+
+
+def test_a_data_set_beyond_the_instance_limit_is_cut_off_while_it_arrives(
+        tmp_path: Path, factory: Factory) -> None:
+    """Fragments within dicom.max_pdu, but their data set passes dicom.max_instance_mb:
+    the association is aborted while they arrive, not gathered whole and refused after."""
+    big = pydicom.dcmread(CHEST_CT_FIRST)
+    big.Rows, big.Columns = 4096, 4096  # 32 MiB of pixels
+    big.PixelData = bytes(4096 * 4096 * 2)
+    big.SOPInstanceUID = big.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    path = tmp_path / "big.dcm"
+    big.save_as(path)
+    port = free_port()
+    settings = DicomSettings(host="127.0.0.1", port=port, max_pdu=65536)
+    with running_receiver(tmp_path / "store", factory, settings, max_instance_mb=2):
+        tracemalloc.start()
+        try:
+            out = storescu(port, path)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert out.returncode != 0 or "Success" not in out.stderr
+        assert peak < 12 * 2**20, f"{peak / 2**20:.0f} MiB held for a refused 32 MiB data set"
+        assert echoscu(port) == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Select, case, func, or_, select
@@ -19,6 +20,7 @@ from db.audit import AuditEntry, WorkerPresence
 from db.engine import reading
 from db.errors import Conflict, NotFound
 from db.queue import SessionFactory
+from db.retention import PurgedStudy, delete_study_rows, lock_study, remove_files
 from db.schema import (
     Instance,
     Job,
@@ -121,6 +123,9 @@ class StudyRow:
     completed_at: datetime | None
     jobs: int
     series: list[SeriesRow] = field(default_factory=list)
+    quarantine_reason: str | None = None
+    """Why its jobs could not be planned; None when the study is not quarantined."""
+    quarantined_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,8 @@ class Summary:
     oldest_queued_job_id: int | None
     oldest_queued_age_seconds: float | None
     workers: list[WorkerRow]
+    studies_quarantined: int = 0
+    """Studies whose planning failed, waiting for an admin to retry or delete them."""
 
 
 @dataclass(frozen=True)
@@ -285,10 +292,15 @@ def get_result(factory: SessionFactory, result_id: int) -> ResultRow:
 
 
 def list_studies(factory: SessionFactory, text: str | None = None, page: int = 1,
-                 per_page: int = 50) -> Page:
-    """Studies, newest first, each with its series and instance counts."""
+                 per_page: int = 50, *, quarantined: bool = False) -> Page:
+    """Studies, newest first, each with its series, instance counts and quarantine.
+
+    With ``quarantined`` only the quarantined studies (planning failed).
+    """
     page, per_page = _bounds(page, per_page)
     query = select(Study)
+    if quarantined:
+        query = query.where(Study.quarantined_at.is_not(None))
     if text:
         query = query.where(or_(Study.study_uid.contains(text.strip(), autoescape=True),
                                 Study.accession_number.contains(text.strip(), autoescape=True)))
@@ -310,7 +322,9 @@ def list_studies(factory: SessionFactory, text: str | None = None, page: int = 1
         items = [StudyRow(id=st.id, study_uid=st.study_uid, accession_number=st.accession_number,
                           first_received_at=st.first_received_at,
                           last_received_at=st.last_received_at, completed_at=st.completed_at,
-                          jobs=jobs.get(st.id, 0), series=by_study[st.id]) for st in studies]
+                          jobs=jobs.get(st.id, 0), series=by_study[st.id],
+                          quarantine_reason=st.quarantine_reason,
+                          quarantined_at=st.quarantined_at) for st in studies]
         return Page(items, total, page, per_page)
 
 
@@ -348,13 +362,14 @@ def summary(factory: SessionFactory, now: datetime) -> Summary:
 
         oldest = s.execute(select(Job.id, Job.created_at).where(Job.status == JobStatus.QUEUED)
                            .order_by(Job.created_at, Job.id).limit(1)).first()
+        quarantined = s.scalar(select(func.count()).where(Study.quarantined_at.is_not(None)))
         return Summary(
             jobs_by_status=counts, studies_last_hour=studies_since(hour),
             studies_last_day=studies_since(day), results_sent_last_hour=sent_since(hour),
             results_sent_last_day=sent_since(day),
             oldest_queued_job_id=oldest[0] if oldest else None,
             oldest_queued_age_seconds=(now - oldest[1]).total_seconds() if oldest else None,
-            workers=_workers(s, now))
+            workers=_workers(s, now), studies_quarantined=quarantined or 0)
 
 
 def destination_stats(factory: SessionFactory, names: list[str]) -> list[DestinationStats]:
@@ -534,6 +549,56 @@ def resend_job(factory: SessionFactory, job_id: int, destination: str, actor: st
         _audit(s, now, actor, "resend", f"job {job_id}",
                f"{len(objects)} object(s) to {destination}")
         return len(objects)
+
+
+def _quarantined_study(study: Study | None, study_id: int, refusal: str) -> Study:
+    """``study`` when it exists and is quarantined; else :class:`NotFound` or :class:`Conflict`."""
+    if study is None:
+        raise NotFound(f"study {study_id} not found")
+    if study.quarantined_at is None:
+        raise Conflict(f"study {study_id} is not quarantined: {refusal}")
+    return study
+
+
+def retry_study(factory: SessionFactory, study_id: int, actor: str, now: datetime) -> None:
+    """Lift a study's quarantine: the next completion sweep plans its jobs again."""
+    with factory.begin() as s:
+        study = _quarantined_study(s.get(Study, study_id), study_id,
+                                   "only a quarantined study can be retried")
+        _audit(s, now, actor, "retry", f"study {study_id}",
+               f"{study.study_uid} was quarantined: {study.quarantine_reason or ''}")
+        study.quarantine_reason = None
+        study.quarantined_at = None
+
+
+def delete_study(factory: SessionFactory, root: Path, study_id: int, actor: str,
+                 now: datetime) -> PurgedStudy:
+    """Delete a quarantined study: its rows, then its instance and result files.
+
+    ``root`` is the storage folder. Its queued jobs and pending results go with it; a
+    study with a job running or a result being sent is refused (:class:`Conflict`)
+    until that is over. The rows and the audit entry are one transaction; the files
+    are removed after it, as retention does (``db.retention``).
+    """
+    with factory.begin() as s:
+        rows = lock_study(s, study_id)
+        study = _quarantined_study(None if rows is None else rows.study, study_id,
+                                   "only a quarantined study can be deleted")
+        assert rows is not None
+        reason = study.quarantine_reason or ""
+        busy = ([f"job {j.id} running" for j in rows.jobs if j.status is JobStatus.RUNNING]
+                + [f"result {r.id} being sent" for r in rows.results
+                   if r.status is ResultStatus.SENDING])
+        if busy:
+            raise Conflict(f"study {study_id} is in work ({', '.join(busy[:5])}): "
+                           "cancel its jobs or wait, then delete it")
+        done = delete_study_rows(s, rows)
+        _audit(s, now, actor, "delete", f"study {study_id}",
+               f"{done.study_uid} ({done.series} series, {done.instances} instances, "
+               f"{done.jobs} jobs, {done.results} results) was quarantined: {reason}")
+    files = remove_files(factory, root, done.paths)
+    return PurgedStudy(study_uid=done.study_uid, series=done.series, instances=done.instances,
+                       jobs=done.jobs, results=done.results, files=files)
 
 
 def record_echo(factory: SessionFactory, destination: str, ok: bool, message: str, actor: str,

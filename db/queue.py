@@ -266,13 +266,17 @@ def dispatch_stable_studies(
     of the jobs created.
 
     Studies in ``held`` (UIDs: instances received but not yet recorded) are not
-    completed now. A study whose planning raises is left pending, its reason put in
-    ``problems`` (study UID -> reason); the other studies go on.
+    completed now. A study whose planning raises is quarantined in its own transaction
+    (its series stay pending; ``quarantine_reason`` and ``quarantined_at`` set) and its
+    reason put in ``problems`` (study UID -> reason); the other studies go on.
+    Quarantined studies are left out of every later sweep, also when more instances
+    arrive for them, until an admin retries them (``db.admin.retry_study``).
     """
     with reading(factory) as s:
         studies = s.scalars(
             select(Study)
-            .where(Study.id.in_(select(Series.study_id).where(Series.pending.is_(True))))
+            .where(Study.id.in_(select(Series.study_id).where(Series.pending.is_(True))),
+                   Study.quarantined_at.is_(None))
         ).all()
         work: list[tuple[int, datetime, list[tuple[SeriesInfo, list[JobPlan]]]]] = []
         uids: dict[int, str] = {}
@@ -296,8 +300,10 @@ def dispatch_stable_studies(
             for info, plans in items:
                 plans.extend(plan(info))
         except Exception as exc:  # one unreadable study must not stop every other one
-            if problems is not None:
-                problems[uids[study_id]] = f"{type(exc).__name__}: {exc}"[:500]
+            reason = f"{type(exc).__name__}: {exc}"[:500]
+            if _quarantine(factory, study_id, [info for info, _ in items], reason, now) \
+                    and problems is not None:
+                problems[uids[study_id]] = reason
             continue
         planned.append((study_id, last_received, items))
     created: list[int] = []
@@ -306,6 +312,8 @@ def dispatch_stable_studies(
             current = s.get(Study, study_id, with_for_update=_is_postgresql(s))
             if current is None or current.last_received_at != last_received:
                 continue  # an instance arrived since: not quiet any more
+            if current.quarantined_at is not None:
+                continue  # another node's planning of it failed meanwhile
             locked = {row.id: row for row in s.scalars(
                 _locked(s, select(Series).where(Series.study_id == study_id)))}
             if any((row := locked.get(info.id)) is None or not row.pending
@@ -333,6 +341,28 @@ def dispatch_stable_studies(
                     s.flush()
                     created.append(job.id)
     return created
+
+
+def _quarantine(factory: SessionFactory, study_id: int, series: Sequence[SeriesInfo],
+                reason: str, now: datetime) -> bool:
+    """Quarantine a study whose planning failed; False when there is nothing to quarantine.
+
+    Nothing is done when the study is gone, already quarantined, or the run that failed
+    to plan was completed meanwhile (by another node sharing the database). An instance
+    that arrived since does not prevent it: the failure is about what was already there.
+    """
+    with factory.begin() as s:
+        current = s.get(Study, study_id, with_for_update=_is_postgresql(s))
+        if current is None or current.quarantined_at is not None:
+            return False
+        locked = {row.id: row for row in s.scalars(
+            _locked(s, select(Series).where(Series.study_id == study_id)))}
+        if any((row := locked.get(info.id)) is None or not row.pending
+               or row.runs != info.run - 1 for info in series):
+            return False
+        current.quarantine_reason = reason
+        current.quarantined_at = now
+        return True
 
 
 # --- jobs -------------------------------------------------------------------

@@ -13,6 +13,10 @@ go first, the files after the commit: a crash in between leaves only orphan
 files, never a row pointing to a missing file. A file is not removed when a row
 (recorded meanwhile, e.g. the same instance re-sent) names it again. Audit rows
 are kept.
+
+The deletion of one study (:func:`lock_study`, :func:`delete_study_rows`, then
+:func:`remove_files` after the commit) is shared with the admin's deletion of a
+quarantined study (``db.admin.delete_study``).
 """
 
 from __future__ import annotations
@@ -89,7 +93,7 @@ def purge_expired(factory: SessionFactory, root: Path, now: datetime,
             kept += 1
             continue
         uid, counts, paths = done
-        files = _remove_files(factory, root, paths)
+        files = remove_files(factory, root, paths)
         report = PurgedStudy(study_uid=uid, series=counts[0], instances=counts[1],
                              jobs=counts[2], results=counts[3], files=files)
         log.info("retention: purged study %s (%d series, %d instances, %d jobs, %d results, "
@@ -99,41 +103,88 @@ def purge_expired(factory: SessionFactory, root: Path, now: datetime,
     return PurgeReport(purged=tuple(purged), kept=kept)
 
 
+@dataclass(frozen=True)
+class StudyRows:
+    """One study's rows, locked for a write transaction (PostgreSQL: ``FOR UPDATE``)."""
+
+    study: Study
+    series: list[Series]
+    jobs: list[Job]
+    results: list[Result]
+
+
+@dataclass(frozen=True)
+class DeletedRows:
+    """What :func:`delete_study_rows` deleted: the UID, counts, and the files to remove."""
+
+    study_uid: str
+    series: int
+    instances: int
+    jobs: int
+    results: int
+    paths: list[str]
+
+
+def lock_study(s: Session, study_id: int) -> StudyRows | None:
+    """Load one study with its series, jobs and results, locked; None when it is gone."""
+    lock = _is_postgresql(s)
+    study = s.get(Study, study_id, with_for_update=lock)
+    if study is None:
+        return None
+    series_q = select(Series).where(Series.study_id == study_id)
+    jobs_q = select(Job).where(Job.study_id == study_id)
+    series = list(s.scalars(series_q.with_for_update() if lock else series_q))
+    jobs = list(s.scalars(jobs_q.with_for_update() if lock else jobs_q))
+    results_q = select(Result).where(Result.job_id.in_([job.id for job in jobs]))
+    results = list(s.scalars(results_q.with_for_update() if lock else results_q))
+    return StudyRows(study, series, jobs, results)
+
+
+def delete_study_rows(s: Session, rows: StudyRows) -> DeletedRows:
+    """Delete a locked study's rows (results, jobs, instances, series, the study).
+
+    The caller commits, then removes the returned paths with :func:`remove_files`.
+    """
+    study_id = rows.study.id
+    job_ids = [job.id for job in rows.jobs]
+    series_ids = [row.id for row in rows.series]
+    instance_paths = list(s.scalars(
+        select(Instance.path).where(Instance.series_id.in_(series_ids))))
+    uid = rows.study.study_uid
+    s.execute(delete(Result).where(Result.job_id.in_(job_ids)))
+    s.execute(delete(Job).where(Job.study_id == study_id))
+    s.execute(delete(Instance).where(Instance.series_id.in_(series_ids)))
+    s.execute(delete(Series).where(Series.study_id == study_id))
+    s.execute(delete(Study).where(Study.id == study_id))
+    return DeletedRows(uid, len(series_ids), len(instance_paths), len(job_ids),
+                       len(rows.results), instance_paths + [r.path for r in rows.results])
+
+
 def _purge_rows(factory: SessionFactory, study_id: int, cutoff: datetime
                 ) -> tuple[str, tuple[int, int, int, int], list[str]] | None:
     """Delete one study's rows if it is still purgeable; return its UID, counts and paths."""
     with factory.begin() as s:
-        lock = _is_postgresql(s)
-        study = s.get(Study, study_id, with_for_update=lock)
-        if (study is None or study.completed_at is None or study.completed_at >= cutoff
+        rows = lock_study(s, study_id)
+        if rows is None:
+            return None
+        study = rows.study
+        if (study.completed_at is None or study.completed_at >= cutoff
                 or study.last_received_at > study.completed_at):
             return None
-        series_q = select(Series).where(Series.study_id == study_id)
-        jobs_q = select(Job).where(Job.study_id == study_id)
-        series = s.scalars(series_q.with_for_update() if lock else series_q).all()
-        jobs = s.scalars(jobs_q.with_for_update() if lock else jobs_q).all()
-        job_ids = [job.id for job in jobs]
-        results_q = select(Result).where(Result.job_id.in_(job_ids))
-        results = s.scalars(results_q.with_for_update() if lock else results_q).all()
-        if (any(row.pending for row in series) or any(j.status in ACTIVE_JOBS for j in jobs)
-                or any(r.status in UNDELIVERED for r in results)):
+        if (any(row.pending for row in rows.series)
+                or any(j.status in ACTIVE_JOBS for j in rows.jobs)
+                or any(r.status in UNDELIVERED for r in rows.results)):
             return None
-        series_ids = [row.id for row in series]
-        instance_paths = list(s.scalars(
-            select(Instance.path).where(Instance.series_id.in_(series_ids))))
-        paths = instance_paths + [r.path for r in results]
-        uid = study.study_uid
-        s.execute(delete(Result).where(Result.job_id.in_(job_ids)))
-        s.execute(delete(Job).where(Job.study_id == study_id))
-        s.execute(delete(Instance).where(Instance.series_id.in_(series_ids)))
-        s.execute(delete(Series).where(Series.study_id == study_id))
-        s.execute(delete(Study).where(Study.id == study_id))
-        return (uid,
-                (len(series_ids), len(instance_paths), len(job_ids), len(results)), paths)
+        done = delete_study_rows(s, rows)
+        return (done.study_uid, (done.series, done.instances, done.jobs, done.results),
+                done.paths)
 
 
-def _remove_files(factory: SessionFactory, root: Path, paths: Iterable[str]) -> int:
-    """Remove the purged rows' files (and folders left empty); return how many were removed."""
+def remove_files(factory: SessionFactory, root: Path, paths: Iterable[str]) -> int:
+    """Remove deleted rows' files (and folders left empty); return how many were removed.
+
+    Call it after the deleting transaction committed. ``root`` is the storage folder.
+    """
     wanted = sorted(set(paths))
     if not wanted:
         return 0
@@ -149,7 +200,7 @@ def _remove_files(factory: SessionFactory, root: Path, paths: Iterable[str]) -> 
             continue
         path = (base / rel).resolve()
         if not path.is_relative_to(base) or path == base:
-            log.warning("retention: skipped a path outside the storage folder")
+            log.warning("deleting files: skipped a path outside the storage folder")
             continue
         try:
             path.unlink()
@@ -157,7 +208,7 @@ def _remove_files(factory: SessionFactory, root: Path, paths: Iterable[str]) -> 
         except FileNotFoundError:
             pass
         except OSError as exc:
-            log.warning("retention: cannot remove %s: %s", rel, exc.strerror)
+            log.warning("deleting files: cannot remove %s: %s", rel, exc.strerror)
             continue
         folders.update(p for p in path.parents if p.is_relative_to(base) and p != base)
     _remove_empty(base, folders)

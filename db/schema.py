@@ -109,6 +109,11 @@ class Study(Base):
     last_received_at: Mapped[datetime] = mapped_column(index=True)
     completed_at: Mapped[datetime | None]
     runs: Mapped[int] = mapped_column(Integer, default=0)
+    quarantine_reason: Mapped[str | None] = mapped_column(Text)
+    """Why planning its jobs failed (e.g. an unreadable instance file); None when not
+    quarantined. A quarantined study is left out of the completion sweep until an
+    admin retries it (which clears this) or deletes it."""
+    quarantined_at: Mapped[datetime | None]
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
 

@@ -194,10 +194,30 @@ def result_file(ctx: Ctx, result_id: Id) -> FileResponse:
 
 @router.get("/studies")
 def studies(ctx: Ctx, q: Annotated[str | None, Query(max_length=64)] = None,
-            page: Page = 1, per_page: PerPage = 50) -> StudyPage:
-    """Studies, most recently received first, with their series and instance counts."""
-    found = admin.list_studies(ctx.factory, q or None, page, per_page)
+            quarantined: bool = False, page: Page = 1, per_page: PerPage = 50) -> StudyPage:
+    """Studies, most recently received first, with their series, instance counts and
+    quarantine (``quarantine_reason``, ``quarantined_at``); ``quarantined=true``: only those."""
+    found = admin.list_studies(ctx.factory, q or None, page, per_page, quarantined=quarantined)
     return StudyPage(found.items, found.total, found.page, found.per_page)
+
+
+@router.post("/studies/{study_id}/retry")
+def retry_study(ctx: Ctx, who: Actor, study_id: Id) -> ActionResult:
+    """Lift a study's quarantine: the next completion sweep plans its jobs again."""
+    admin.retry_study(ctx.factory, study_id, who, ctx.clock())
+    log.info("admin %s: retry study %d", who, study_id)
+    return ActionResult(True, f"study {study_id} released from quarantine: planned again "
+                              "at the next sweep")
+
+
+@router.post("/studies/{study_id}/delete")
+def delete_study(ctx: Ctx, who: Actor, study_id: Id) -> ActionResult:
+    """Delete a quarantined study: its instances, results, jobs and their files."""
+    done = admin.delete_study(ctx.factory, ctx.settings.storage.dir, study_id, who, ctx.clock())
+    log.info("admin %s: deleted study %d (%s, %d files)", who, study_id, done.study_uid,
+             done.files)
+    return ActionResult(True, f"study {study_id} deleted ({done.instances} instance(s), "
+                              f"{done.results} result(s), {done.files} file(s))")
 
 
 @router.get("/models")

@@ -30,7 +30,8 @@ from node.settings import Settings
 
 jobs_app = typer.Typer(help="The job queue: list, show, retry, cancel, re-send.",
                        no_args_is_help=True)
-studies_app = typer.Typer(help="Received studies.", no_args_is_help=True)
+studies_app = typer.Typer(help="Received studies: list; retry or delete a quarantined one.",
+                          no_args_is_help=True)
 destinations_app = typer.Typer(help="Configured DICOM destinations.", no_args_is_help=True)
 
 
@@ -92,6 +93,9 @@ def status(config: ConfigOption = None, as_json: JsonOption = False) -> None:
               "last day")
     out.print("oldest waiting job: " + (f"#{summary.oldest_queued_job_id}, {oldest:.0f} s"
                                          if oldest is not None else "none"))
+    if summary.studies_quarantined:
+        out.print(f"[red]quarantined studies: {summary.studies_quarantined}[/red] "
+                  "(ainode studies list --quarantined)")
     workers = Table("worker", "device", "alive", "job", "last seen", title="Workers")
     for w in summary.workers:
         workers.add_row(literal(w.owner), literal(w.device), "yes" if w.alive else "no",
@@ -222,22 +226,63 @@ def jobs_resend(job_id: int, destination: str, config: ConfigOption = None) -> N
 @studies_app.command("list")
 def studies_list(config: ConfigOption = None,
                  search: Annotated[str | None, typer.Option("--search", "-q")] = None,
+                 quarantined: Annotated[bool, typer.Option(
+                     "--quarantined", help="Only quarantined studies (planning failed).")
+                                        ] = False,
                  page: Annotated[int, typer.Option(min=1)] = 1,
                  per_page: Annotated[int, typer.Option(min=1, max=admin.MAX_PER_PAGE)] = 50,
                  as_json: JsonOption = False) -> None:
-    """Studies, most recent first, with their series and instance counts."""
-    found = admin.list_studies(_factory(settings_or_exit(config)), search, page, per_page)
+    """Studies, most recent first, with their series, instance counts and quarantine."""
+    found = admin.list_studies(_factory(settings_or_exit(config)), search, page, per_page,
+                               quarantined=quarantined)
     if as_json:
         _json(found)
         return
-    table = Table("study UID", "received", "complete", "jobs", "series (instances)",
+    table = Table("id", "study UID", "received", "complete", "jobs", "series (instances)",
                   title=f"Studies (page {found.page}, {found.total} in all)")
     for s in found.items:
         series = ", ".join(f"{se.modality} {se.series_description} ({se.instance_count})".strip()
                            for se in s.series)
-        table.add_row(literal(s.study_uid), _when(s.last_received_at), _when(s.completed_at),
-                      str(s.jobs), literal(series))
+        table.add_row(str(s.id), literal(s.study_uid), _when(s.last_received_at),
+                      _when(s.completed_at), str(s.jobs), literal(series))
     out.print(table)
+    for s in found.items:  # reasons can be long: one paragraph each, under the table
+        if s.quarantined_at is not None:
+            out.print(f"[red]quarantined[/red] study {s.id} ({literal(s.study_uid)}) since "
+                      f"{_when(s.quarantined_at)}: {literal(s.quarantine_reason or '')}")
+    if any(s.quarantined_at is not None for s in found.items):
+        out.print("retry with `ainode studies retry ID`, or delete with `ainode studies delete ID`")
+
+
+@studies_app.command("retry")
+def studies_retry(study_id: int, config: ConfigOption = None) -> None:
+    """Lift a study's quarantine: the next completion sweep plans its jobs again."""
+    factory = _factory(settings_or_exit(config))
+
+    def run() -> str:
+        admin.retry_study(factory, study_id, _actor(), utcnow())
+        return f"study {study_id} released from quarantine: planned again at the next sweep"
+
+    _act("retry refused", run)
+
+
+@studies_app.command("delete")
+def studies_delete(study_id: int, config: ConfigOption = None,
+                   yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False
+                   ) -> None:
+    """Delete a quarantined study: its instances, results, jobs and their files."""
+    settings = settings_or_exit(config)
+    factory = _factory(settings)
+    if not yes and not typer.confirm(f"delete study {study_id} with its files?"):
+        err.print("not deleted")
+        raise typer.Exit(1)
+
+    def run() -> str:
+        done = admin.delete_study(factory, settings.storage.dir, study_id, _actor(), utcnow())
+        return (f"study {study_id} deleted: {done.study_uid} ({done.instances} instance(s), "
+                f"{done.results} result(s), {done.files} file(s))")
+
+    _act("delete refused", run)
 
 
 @destinations_app.command("list")

@@ -21,8 +21,10 @@ def complete_studies(settings: Settings, factory: SessionFactory,
     """Mark quiet studies complete and queue one job per (series, model).
 
     A study with instances received but not yet recorded (an ingest retrying after an
-    error) waits. A study whose routes cannot be evaluated (an unreadable file) stays
-    pending with its reason logged once per reason in ``reported``; others go on.
+    error) waits. A study whose routes cannot be evaluated (an unreadable file) is
+    quarantined with its reason, logged once when it is quarantined (and put in
+    ``reported``, study UID -> reason); it is not tried again until an admin retries it
+    (dashboard, API or ``ainode studies retry``). The other studies go on.
     """
     planner = make_planner(settings.routes, settings.storage.dir,
                            partial(first_instance_path, factory))
@@ -30,10 +32,10 @@ def complete_studies(settings: Settings, factory: SessionFactory,
     jobs = dispatch_stable_studies(factory, clock(), stable_seconds_for(settings.study), planner,
                                    settings.workers.max_attempts,
                                    held=held_studies(settings.storage.dir), problems=problems)
-    reported = {} if reported is None else reported
-    for study_uid, reason in problems.items():
-        if reported.get(study_uid) != reason:
-            log.error("study %s cannot be routed, left pending: %s", study_uid, reason)
+    for study_uid, reason in problems.items():  # each one is quarantined by this sweep
+        log.error("study %s cannot be routed, quarantined until an admin retries or deletes "
+                  "it: %s", study_uid, reason)
+        if reported is not None:
             reported[study_uid] = reason
     if jobs:
         log.info("queued job(s) %s", ",".join(map(str, jobs)))

@@ -2,7 +2,8 @@
 
 The node's own processes serve it; a chest radiograph pushed with storescu becomes
 a job that appears in the live job list without a reload, its page shows the
-timeline, and the retry button queues a failed job again (and is audited).
+timeline, and the retry button queues a failed job again (and is audited); a
+quarantined study shows its reason as text, and its Retry and Delete buttons work.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from sqlalchemy import create_engine, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from db.schema import Job, JobStatus
+from db.schema import Job, JobStatus, Result, ResultStatus, Study
 from tests.peers import (
     SAMPLES,
     NodeProcess,
@@ -136,6 +138,43 @@ def test_dashboard_shows_a_pushed_job_and_retries_it(node: tuple[NodeProcess, in
             page.click("nav a[data-nav=audit]")
             page.wait_for_selector("#audit >> text=retry")
             assert "local@127.0.0.1" in page.locator("#audit").inner_text()
+
+            # A quarantined study: its reason is text (never HTML), Retry lifts it.
+            reason = "OSError: <b id=injected>unreadable</b>"
+
+            def quarantine() -> None:
+                with Session(db) as s, s.begin():
+                    s.execute(update(Study).values(quarantine_reason=reason,
+                                                   quarantined_at=datetime(2026, 1, 1)))
+
+            def studies() -> list[tuple[str | None, datetime | None]]:
+                with Session(db) as s:
+                    return [(r.quarantine_reason, r.quarantined_at)
+                            for r in s.execute(select(Study.quarantine_reason,
+                                                      Study.quarantined_at))]
+
+            quarantine()
+            page.click("nav a[data-nav=studies]")
+            page.wait_for_selector("#study-table .quarantine-reason")
+            assert page.locator("#study-table .quarantine-reason").inner_text() == reason
+            assert page.locator("#injected").count() == 0
+            page.click("#study-table .study-retry")
+            page.wait_for_selector("#flash >> text=released from quarantine")
+            assert studies() == [(None, None)]
+            page.wait_for_selector("#study-table .quarantine-reason", state="detached")
+
+            # Delete asks first; accepted, the study is gone. (Not while its retried job
+            # runs or a result is being sent: let the job end, give its results up.)
+            wait_until(lambda: status() not in (JobStatus.QUEUED, JobStatus.RUNNING), 60,
+                       what="the retried job to end")
+            with Session(db) as s, s.begin():
+                s.execute(update(Result).values(status=ResultStatus.FAILED))
+            quarantine()
+            page.wait_for_selector("#study-table .study-delete")
+            page.once("dialog", lambda dialog: dialog.accept())
+            page.click("#study-table .study-delete")
+            page.wait_for_selector("#flash >> text=deleted")
+            assert studies() == []
             assert errors == []
         finally:
             browser.close()

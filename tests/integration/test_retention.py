@@ -24,7 +24,7 @@ from db.queue import (
     mark_sent,
     record_instance,
 )
-from db.retention import _remove_files, purge_expired
+from db.retention import purge_expired, remove_files
 from db.schema import Instance, Job, Result, Series, Study
 from node.runtime.scheduler import make_scheduler
 from node.settings import Settings
@@ -210,7 +210,7 @@ def test_late_instance_keeps_the_study(factory: Factory, tmp_path: Path) -> None
 def test_file_named_again_by_a_new_row_is_kept(factory: Factory, tmp_path: Path) -> None:
     # The same instance sent again while its study was purged: the new row owns the file.
     files = ingest(factory, tmp_path, "1.2.3", count=1)
-    assert _remove_files(factory, tmp_path, [str(files[0].relative_to(tmp_path))]) == 0
+    assert remove_files(factory, tmp_path, [str(files[0].relative_to(tmp_path))]) == 0
     assert files[0].is_file()
 
 

@@ -103,6 +103,8 @@ function overview(view) {
         h("div", { class: "l" }, "studies received (hour / day)")),
       h("div", { class: "card" }, h("div", { class: "n" }, s.results_sent_last_hour + " / " + s.results_sent_last_day),
         h("div", { class: "l" }, "results sent (hour / day)")),
+      h("a", { class: "card", href: "#/studies?quarantined=true", "data-count": "quarantined" },
+        h("div", { class: "n" }, s.studies_quarantined || 0), h("div", { class: "l" }, "quarantined studies")),
       h("div", { class: "card" }, h("div", { class: "n" }, age(s.oldest_queued_age_seconds)),
         h("div", { class: "l" }, s.oldest_queued_job_id
           ? h("a", { href: "#/jobs/" + s.oldest_queued_job_id }, "oldest waiting job #" + s.oldest_queued_job_id)
@@ -217,20 +219,45 @@ function jobPage(view, id) {
   poll(refresh);
 }
 
+// A quarantined study (its jobs could not be planned): the reason, as text, and its actions.
+function quarantine(s, refresh) {
+  if (!s.quarantined_at) return "";
+  const remove = () => {
+    if (confirm(`Delete study #${s.id} (${s.study_uid}) with its instances and results?`))
+      return act(`/api/studies/${s.id}/delete`, {}, refresh);
+  };
+  return h("div", { class: "quarantine" },
+    h("span", { class: "badge s-failed", "data-state": "quarantined" }, "quarantined"), " ", when(s.quarantined_at),
+    h("pre", { class: "error quarantine-reason" }, s.quarantine_reason || ""),
+    h("div", { class: "actions" },
+      h("button", { class: "study-retry", onclick: () => act(`/api/studies/${s.id}/retry`, {}, refresh) }, "Retry"),
+      h("button", { class: "study-delete danger", onclick: remove }, "Delete")));
+}
+
 function studies(view, params) {
   const q = h("input", { name: "q", value: params.get("q") || "", size: 40, placeholder: "study UID or accession" });
-  const form = h("form", { class: "filters" }, q, h("button", { type: "submit" }, "Search"));
-  form.addEventListener("submit", (ev) => { ev.preventDefault(); location.hash = "#/studies?q=" + encodeURIComponent(q.value); });
+  const only = h("input", { type: "checkbox", name: "quarantined", checked: params.get("quarantined") === "true" });
+  const form = h("form", { class: "filters" }, q, h("label", {}, "quarantined only", only),
+    h("button", { type: "submit" }, "Search"));
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const next = new URLSearchParams();
+    if (q.value) next.set("q", q.value);
+    if (only.checked) next.set("quarantined", "true");
+    location.hash = "#/studies?" + next.toString();
+  });
   const box = h("div", {});
   view.replaceChildren(h("h2", {}, "Studies"), form, box);
-  poll(async () => {
+  const refresh = async () => {
     const r = await api("/api/studies?" + new URLSearchParams(params).toString());
-    box.replaceChildren(table(["study UID", "accession", "received", "complete", "jobs", "series (instances)"],
-      r.items.map((s) => h("tr", {}, h("td", { class: "uid" }, s.study_uid), h("td", {}, s.accession_number || ""),
+    box.replaceChildren(table(["study UID", "accession", "received", "complete", "jobs", "series (instances)", "quarantine"],
+      r.items.map((s) => h("tr", { "data-study": s.id }, h("td", { class: "uid" }, s.study_uid), h("td", {}, s.accession_number || ""),
         h("td", {}, when(s.last_received_at)), h("td", {}, when(s.completed_at)),
         h("td", {}, h("a", { href: "#/jobs?q=" + encodeURIComponent(s.study_uid) }, s.jobs)),
-        h("td", {}, h("ul", {}, s.series.map((se) => h("li", {}, `${se.modality} ${se.series_description} (${se.instance_count})`))))))));
-  });
+        h("td", {}, h("ul", {}, s.series.map((se) => h("li", {}, `${se.modality} ${se.series_description} (${se.instance_count})`)))),
+        h("td", {}, quarantine(s, refresh)))), { id: "study-table" }));
+  };
+  poll(refresh);
 }
 
 function models(view) {

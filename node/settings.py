@@ -187,6 +187,15 @@ class AdminSettings(_Section):
     """Failed logins per client address within ``lockout_seconds`` that lock it out."""
     lockout_seconds: Annotated[float, Field(gt=0)] = 60.0
     """How long a locked-out address gets 429 without its credentials being checked."""
+    tls_cert: Path | None = None
+    """PEM certificate (chain) of the admin server; with ``tls_key`` it serves HTTPS only."""
+    tls_key: Path | None = None
+    """PEM private key of ``tls_cert`` (unencrypted; keep it mode 0600)."""
+    max_connections: Annotated[int, Field(ge=1)] = 64
+    """Open connections at most: one beyond is closed at once, requests get 503 at the limit."""
+    request_timeout: Annotated[float, Field(gt=0)] = 10.0
+    """Seconds for a request (TLS handshake, line, headers, body) to arrive whole, counted
+    from its connection or the previous response; then the connection is closed."""
 
     @model_validator(mode="before")
     @classmethod
@@ -206,9 +215,11 @@ class AdminSettings(_Section):
         return [n for n in names if n is not None]
 
     @model_validator(mode="after")
-    def _user_with_password(self) -> AdminSettings:
+    def _pairs(self) -> AdminSettings:
         if (self.username is None) != (self.password_hash is None):
             raise ValueError("username and password_hash go together")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
         return self
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import threading
 from pathlib import Path
@@ -22,7 +23,7 @@ from db.engine import make_engine, make_session_factory, sqlite_file
 from db.migrate import upgrade
 from models.base import ModelError
 from node.admin.auth import load_credentials
-from node.admin.server import listening, start_admin
+from node.admin.server import listening, start_admin, tls_problems
 from node.errors import ConfigError
 from node.infer.plugins import available_models
 from node.receive.acceptors import AcceptorPool, node_id, replay_all
@@ -93,14 +94,16 @@ def _tls_problems(settings: Settings) -> list[str]:
 
 
 def _admin_problems(settings: Settings) -> list[str]:
-    """The admin server's credentials load, and it is not open off loopback without them."""
+    """The admin server's credentials load, and it is not open off loopback without them;
+    its TLS certificate and key (when set) are there and load together."""
     if not settings.admin.enabled:
         return []
+    problems = tls_problems(settings.admin)
     try:
         load_credentials(settings.admin)
     except ConfigError as exc:
-        return [str(exc)]
-    return []
+        problems.append(str(exc))
+    return problems
 
 
 def _writable_dir_problems(key: str, path: Path) -> list[str]:
@@ -148,6 +151,24 @@ def check_startup(settings: Settings) -> None:
 
 # --- serve ------------------------------------------------------------------------------
 
+NR_OPEN = 1 << 20
+"""Linux's default ceiling on open files, used when the hard limit is unlimited."""
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard one (the admin server and the
+    receiver share the process's descriptors; each bounds its own connections)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = NR_OPEN if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("open files limit stays %d: cannot raise it to %d: %s", soft, target, exc)
+        return
+    log.info("open files limit raised from %d to %d", soft, target)
+
 
 def prepare(settings: Settings) -> Engine:
     """Create the storage folder, migrate the database and clean interrupted writes."""
@@ -166,6 +187,7 @@ def serve(settings: Settings, config_path: Path | None, stop_timeout: float = 60
     start-up check fails (:func:`check_startup`).
     """
     check_startup(settings)
+    raise_open_files_limit()
     engine = prepare(settings)
     factory = make_session_factory(engine)
     stop = threading.Event()

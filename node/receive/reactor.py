@@ -34,6 +34,7 @@ import os
 import queue
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -78,6 +79,14 @@ CONTROL_PDU_MAX = 2**20
 PDU_SLACK = 2**20
 """With ``dicom.max_pdu = 0``, a P-DATA-TF PDU may exceed the largest instance by this much."""
 """Longest a thread sleeps without a signal (timers: ARTIM, network timeout)."""
+
+
+def readable(fds: list[int], timeout: float) -> set[int]:
+    """The descriptors among ``fds`` that are readable (or closed) within ``timeout`` s."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return {fd for fd, _ in poller.poll(timeout * 1000)}
 
 
 def check_supported() -> bool:
@@ -291,7 +300,7 @@ class EventDrivenDUL(DULServiceProvider):
             time.sleep(self._run_loop_delay)
             return
         try:
-            ready, _, _ = select.select([raw.fileno(), self._wakeup.fd], [], [], IDLE_WAKE)
+            ready = readable([raw.fileno(), self._wakeup.fd], IDLE_WAKE)
         except (OSError, ValueError):  # closed under us: the loop body notices
             time.sleep(self._run_loop_delay)
             return
@@ -439,6 +448,22 @@ class LargeReadSocket(AssociationSocket):
     """
 
     deadline: float | None = None
+
+    @property
+    def ready(self) -> bool:
+        """pynetdicom's ``ready`` with ``poll`` instead of ``select`` (which refuses file
+        descriptors of 1024 and above, as a node with many open files has)."""
+        sock = self.socket
+        if sock is None or self._is_connected is False:
+            return False
+        try:
+            ready = bool(readable([sock.fileno()], 0))
+        except (OSError, ValueError):
+            self.event_queue.put("Evt17")  # transport connection closed
+            return False
+        if isinstance(sock, ssl.SSLSocket):  # data TLS has buffered is not seen by poll
+            return ready or bool(sock.pending())
+        return ready
 
     def _bound_by_deadline(self, sock: socket.socket) -> None:
         if self.deadline is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
@@ -128,3 +129,26 @@ def test_a_data_set_beyond_the_instance_limit_is_cut_off_while_it_arrives(
         assert out.returncode != 0 or "Success" not in out.stderr
         assert peak < 12 * 2**20, f"{peak / 2**20:.0f} MiB held for a refused 32 MiB data set"
         assert echoscu(port) == 0
+
+
+def test_associations_work_on_file_descriptors_above_1024(tmp_path: Path,
+                                                          factory: Factory) -> None:
+    """A node with many open files (LimitNOFILE=65536) gets sockets numbered past 1023,
+    which ``select`` refuses: the receiver must still serve them."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 1200:
+        raise AssertionError(f"the hard limit of open files ({hard}) is below 1200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    spare = []
+    try:
+        while len(spare) < 1100:  # push the next descriptors past 1024
+            spare.append(os.open(os.devnull, os.O_RDONLY))
+        with node(tmp_path, factory) as port:
+            assert echoscu(port) == 0
+            assert storescu(port, CHEST_CT_FIRST).returncode == 0
+    finally:
+        for fd in spare:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

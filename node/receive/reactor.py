@@ -172,6 +172,8 @@ class EventDrivenDUL(DULServiceProvider):
     limits: ReadLimits = ReadLimits()
     _dataset_bytes: int = 0
     """Bytes of the data set being assembled from P-DATA fragments so far."""
+    _refused: bool = False
+    """A PDU was refused: the association is being aborted."""
 
     def _install(self) -> None:
         self._wakeup = _Wakeup()
@@ -227,8 +229,10 @@ class EventDrivenDUL(DULServiceProvider):
         try:
             pdu, event = self._decode_pdu(header + body)
         except Exception as exc:
-            log.warning("refused a received PDU of type 0x%02X, aborting the association: %s",
-                        pdu_type, exc)
+            if not self._refused:  # PDUs already on their way are refused without a word
+                log.warning("refused a received PDU of type 0x%02X, aborting the "
+                            "association: %s", pdu_type, exc)
+            self._refused = True
             self.event_queue.put("Evt19")
             return
         self.event_queue.put(event)
@@ -283,9 +287,8 @@ class EventDrivenDUL(DULServiceProvider):
         PDU is refused (the association is aborted) before pynetdicom gathers more."""
         if header & 0x01:  # a command fragment
             return
-        self._dataset_bytes += length
+        self._dataset_bytes += length  # once past the limit it stays past: all refused
         if self._dataset_bytes > self.limits.max_instance + PDU_SLACK:
-            self._dataset_bytes = 0
             raise ValueError(f"data set larger than {self.limits.max_instance} bytes "
                              "(dicom.max_instance_mb)")
         if header & 0x02:  # its last fragment

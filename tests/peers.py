@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -27,6 +27,7 @@ SAMPLES = SHARED / "dicom-samples"
 CHEST_CT = SAMPLES / "chest-ct-lung-pet-ct-dx-a0002"
 ORTHANC = "/usr/sbin/Orthanc"
 DCIODVFY_ERROR = re.compile(r"(^|\s-\s)(Error|Abort) - ")
+DCIODVFY_WARNING = re.compile(r"(^|\s-\s)Warning - ")
 
 
 def free_port() -> int:
@@ -82,13 +83,24 @@ def echoscu(port: int, *, aec: str = "AINODE", aet: str = "ECHOSCU") -> int:
                           capture_output=True, timeout=30, env=dcmtk_env()).returncode
 
 
-def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
-    """Run dciodvfy; return (error lines, warning lines)."""
-    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+class Verdict(NamedTuple):
+    """What dciodvfy said about one file: its error lines and its warning lines."""
+
+    errors: list[str]
+    warnings: list[str]
+
+
+def dciodvfy(path: Path) -> Verdict:
+    """Run dciodvfy on ``path`` (it writes to stderr); print the counts and the lines."""
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120,
+                         check=False)
     lines = (out.stderr + out.stdout).splitlines()
-    errors = [line for line in lines if DCIODVFY_ERROR.search(line)]
-    warnings = [line for line in lines if "Warning - " in line]
-    return errors, warnings
+    verdict = Verdict(errors=[line for line in lines if DCIODVFY_ERROR.search(line)],
+                      warnings=[line for line in lines if DCIODVFY_WARNING.search(line)])
+    print(f"dciodvfy {path.name}: {len(verdict.errors)} errors, {len(verdict.warnings)} warnings")
+    for line in verdict.errors + verdict.warnings:
+        print(f"  {line}")
+    return verdict
 
 
 @dataclass

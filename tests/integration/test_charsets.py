@@ -23,9 +23,9 @@ from tests.integration.test_results import (
     build_case,
     context,
     ct_shape,
-    dciodvfy,
     lung_prediction,
 )
+from tests.peers import dciodvfy
 
 #: ``\ISO 2022 IR 87``: value 1 empty, the Japanese file of PS3.5 H.3.1 (pydicom's chrH31).
 JAPANESE = ["", "ISO 2022 IR 87"]

@@ -7,7 +7,6 @@ errors) and, for SR, dcmtk ``dsrdump``; then read back with pydicom and highdico
 from __future__ import annotations
 
 import copy
-import re
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from node.results.common import coded, result_uids, series_description, source_h
 from node.results.seg import segment_pixels
 from node.results.sr import MAX_LISTED_IMAGES, procedure_code
 from tests.peers import SAMPLES as PEER_SAMPLES
+from tests.peers import dciodvfy
 
 SAMPLES = PEER_SAMPLES
 CT_DIR = SAMPLES / "chest-ct-lung-pet-ct-dx-a0002"
@@ -61,35 +61,9 @@ PATIENT_STUDY_KEYWORDS = (
     "StudyDescription",
 )
 
-_ERROR_LINE = re.compile(r"(^|\s-\s)(Error|Abort) - ")
-_WARNING_LINE = re.compile(r"(^|\s-\s)Warning - ")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """What dciodvfy said about one file."""
-
-    errors: list[str]
-    warnings: list[str]
-
-
-def dciodvfy(path: Path) -> Verdict:
-    """Run dciodvfy on ``path``; it writes everything to stderr."""
-    proc = subprocess.run(
-        ["dciodvfy", str(path)], capture_output=True, text=True, timeout=120, check=False
-    )
-    lines = (proc.stderr + proc.stdout).splitlines()
-    verdict = Verdict(
-        errors=[line for line in lines if _ERROR_LINE.search(line)],
-        warnings=[line for line in lines if _WARNING_LINE.search(line)],
-    )
-    print(f"dciodvfy {path.name}: {len(verdict.errors)} errors, {len(verdict.warnings)} warnings")
-    for line in verdict.warnings:
-        print(f"  {line}")
-    return verdict
 
 
 def dsrdump(path: Path) -> str:

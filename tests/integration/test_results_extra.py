@@ -8,9 +8,6 @@ images). Two rendered SC images are also written as PNG (``/tmp/ainode-sc-ct.png
 
 from __future__ import annotations
 
-import re
-import shutil
-import subprocess
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,6 +69,7 @@ from tests.integration.test_results import (
     RIGHT,
     VOLUME,
 )
+from tests.peers import dciodvfy
 
 SAMPLES = Path("/work/shared/dicom-samples")
 CT_DIR = SAMPLES / "chest-ct-lung-pet-ct-dx-a0002"
@@ -88,39 +86,11 @@ PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
 PNG_CT = Path("/tmp/ainode-sc-ct.png")
 PNG_CXR = Path("/tmp/ainode-sc-cxr.png")
 
-_ERROR_LINE = re.compile(r"(^|\s-\s)(Error|Abort) - ")
-_WARNING_LINE = re.compile(r"(^|\s-\s)Warning - ")
 
 Rgb = tuple[int, int, int]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """What dciodvfy said about one file."""
-
-    errors: list[str]
-    warnings: list[str]
-
-
-def dciodvfy(path: Path) -> Verdict:
-    """Run dciodvfy on ``path`` (it writes to stderr); print the counts."""
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy (dicom3tools) is not installed")
-    proc = subprocess.run(
-        ["dciodvfy", str(path)], capture_output=True, text=True, timeout=120, check=False
-    )
-    lines = (proc.stderr + proc.stdout).splitlines()
-    verdict = Verdict(
-        errors=[line for line in lines if _ERROR_LINE.search(line)],
-        warnings=[line for line in lines if _WARNING_LINE.search(line)],
-    )
-    print(f"dciodvfy {path.name}: {len(verdict.errors)} errors, {len(verdict.warnings)} warnings")
-    for line in verdict.errors + verdict.warnings:
-        print(f"  {line}")
-    return verdict
 
 
 def read_source(path: Path) -> Dataset:

@@ -7,7 +7,9 @@ the minimum (BCP 195). A file that cannot be read or does not parse is a
 
 from __future__ import annotations
 
+import os
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 
 from node.errors import ConfigError
@@ -59,3 +61,9 @@ def client_context(dest: DestinationTLS, own: TLSSettings) -> ssl.SSLContext:
     cert, key = (dest.cert, dest.key) if dest.cert is not None else (own.cert, own.key)
     _load(ctx, cert, key, dest.ca, "destination tls")
     return ctx
+
+
+def unreadable(files: Sequence[tuple[str, Path | None]]) -> list[str]:
+    """A problem for each ``(key, path)`` whose path is set but not a readable file."""
+    return [f"{key}: {path}: not a readable file" for key, path in files
+            if path is not None and not (path.is_file() and os.access(path, os.R_OK))]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import ssl
 import threading
@@ -46,6 +45,7 @@ from node.admin.catalog import catalog
 from node.errors import StartupError
 from node.infer.plugins import available_models
 from node.settings import AdminSettings, Settings
+from node.tls import unreadable
 
 log = logging.getLogger("ainode.admin")
 
@@ -201,9 +201,8 @@ def tls_problems(admin: AdminSettings) -> list[str]:
     """The admin certificate and key are readable and load together; each problem names its key."""
     if admin.tls_cert is None or admin.tls_key is None:
         return []
-    files = [("admin.tls_cert", admin.tls_cert), ("admin.tls_key", admin.tls_key)]
-    problems = [f"{key}: {path}: not a readable file" for key, path in files
-                if not (path.is_file() and os.access(path, os.R_OK))]
+    problems = unreadable([("admin.tls_cert", admin.tls_cert),
+                           ("admin.tls_key", admin.tls_key)])
     if problems:
         return problems
     try:

@@ -96,7 +96,7 @@ def worker(config: ConfigOption = None,
 @app.command("check-config")
 def check_config(path: Annotated[Path, typer.Argument(help="TOML configuration file.")]) -> None:
     """Validate a configuration file without serving: every check serve makes at start."""
-    from node.runtime.serve import startup_problems
+    from node.runtime.startup import startup_problems
 
     settings = settings_or_exit(path)
     problems = startup_problems(settings)

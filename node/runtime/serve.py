@@ -1,14 +1,12 @@
 """``ainode serve``: the receiver, the scheduler and the supervised worker processes.
 
-:func:`check_startup` is every check of a configuration that serve makes at start;
-``ainode check-config`` runs the same one, and serve runs it before it creates,
-migrates or binds anything.
+Serve runs :func:`node.runtime.startup.check_startup` before it creates, migrates or
+binds anything.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import resource
 import signal
 import threading
@@ -16,137 +14,21 @@ from pathlib import Path
 from types import FrameType
 
 from sqlalchemy import Engine
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from db.engine import make_engine, make_session_factory, sqlite_file
+from db.engine import make_engine, make_session_factory
 from db.migrate import upgrade
-from models.base import ModelError
-from node.admin.auth import load_credentials
-from node.admin.server import listening, start_admin, tls_problems
-from node.errors import ConfigError
-from node.infer.plugins import available_models
+from node.admin.server import listening, start_admin
 from node.receive.acceptors import AcceptorPool, node_id, replay_all
 from node.receive.server import ReceiverServer, fast_path, start_receiver
 from node.runtime.clock import utcnow
 from node.runtime.scheduler import make_scheduler
+from node.runtime.startup import check_startup
 from node.runtime.supervisor import silence_limit, silent_workers, worker_supervisor
 from node.settings import Settings
 from node.store.files import remove_temp_files
 from node.store.ingest import Ingest, held_studies, journal_dir
-from node.tls import client_context, server_context
 
 log = logging.getLogger("ainode.serve")
-
-
-# --- start-up checks -------------------------------------------------------------------
-
-
-def _model_problems(settings: Settings) -> list[str]:
-    """Configured models load their weights (file and hash); routes name installed models."""
-    try:
-        known = available_models(settings)
-    except ConfigError as exc:
-        return [str(exc)]
-    problems = []
-    for model in settings.models:
-        try:
-            known[model.name]()
-        except (ConfigError, ModelError, ValueError, OSError) as exc:
-            problems.append(f"models: {model.name}: {exc}")
-    missing = sorted({m for r in settings.routes for m in r.models} - set(known))
-    if missing:
-        problems.append(f"routes name unknown model(s) {', '.join(missing)}; "
-                        f"installed: {', '.join(sorted(known))}")
-    return problems
-
-
-def _tls_files(settings: Settings) -> list[tuple[str, Path | None]]:
-    """The TLS files serve loads: the SCP's, and each TLS destination's."""
-    own = settings.dicom.tls
-    files: list[tuple[str, Path | None]] = []
-    if own.enabled:
-        files += [("dicom.tls.cert", own.cert), ("dicom.tls.key", own.key),
-                  ("dicom.tls.ca", own.ca)]
-    for i, dest in enumerate(settings.destinations):
-        if dest.tls.enabled:
-            key = f"destinations[{i}].tls"
-            files += [(f"{key}.ca", dest.tls.ca), (f"{key}.cert", dest.tls.cert or own.cert),
-                      (f"{key}.key", dest.tls.key or own.key)]
-    return files
-
-
-def _tls_problems(settings: Settings) -> list[str]:
-    """Every TLS file is there, and the SSL contexts load them (certificate, key, CA)."""
-    problems = [f"{key}: {path}: not a readable file" for key, path in _tls_files(settings)
-                if path is not None and not (path.is_file() and os.access(path, os.R_OK))]
-    if problems:
-        return problems
-    try:
-        if settings.dicom.tls.enabled:
-            server_context(settings.dicom.tls)
-        for dest in settings.destinations:
-            if dest.tls.enabled:
-                client_context(dest.tls, settings.dicom.tls)
-    except ConfigError as exc:
-        problems.append(str(exc))
-    return problems
-
-
-def _admin_problems(settings: Settings) -> list[str]:
-    """The admin server's credentials load, and it is not open off loopback without them;
-    its TLS certificate and key (when set) are there and load together."""
-    if not settings.admin.enabled:
-        return []
-    problems = tls_problems(settings.admin)
-    try:
-        load_credentials(settings.admin)
-    except ConfigError as exc:
-        problems.append(str(exc))
-    return problems
-
-
-def _writable_dir_problems(key: str, path: Path) -> list[str]:
-    """``path`` is (or can be created as) a folder we can write into."""
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        return [f"{key}: {path}: {existing} is not a folder"]
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return [f"{key}: {path}: {existing} is not writable"]
-    return []
-
-
-def _database_problems(settings: Settings) -> list[str]:
-    """The database URL parses and its driver is installed; a SQLite file can be written."""
-    url = settings.database.url
-    try:
-        make_url(url).get_dialect().import_dbapi()
-    except (ArgumentError, NoSuchModuleError, ImportError) as exc:
-        return [f"database.url: {exc}"]
-    path = sqlite_file(url) if make_url(url).get_backend_name() == "sqlite" else None
-    if path is None:
-        return []
-    if path.exists():
-        if not path.is_file() or not os.access(path, os.R_OK | os.W_OK):
-            return [f"database.url: {path} is not a writable file"]
-        return []
-    return _writable_dir_problems("database.url", path.parent)
-
-
-def startup_problems(settings: Settings) -> list[str]:
-    """What would stop ``serve`` with these settings, each naming its key; empty when none."""
-    return [*_model_problems(settings), *_tls_problems(settings), *_admin_problems(settings),
-            *_writable_dir_problems("storage.dir", settings.storage.dir),
-            *_database_problems(settings)]
-
-
-def check_startup(settings: Settings) -> None:
-    """Every start-up check of serve (and of ``ainode check-config``); ConfigError if any fails."""
-    problems = startup_problems(settings)
-    if problems:
-        raise ConfigError("; ".join(problems))
 
 
 # --- serve ------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pytest
 
 from node.admin.server import AdminServer, clear_text_warning, start_admin
 from node.errors import ConfigError
-from node.runtime.serve import startup_problems
+from node.runtime.startup import startup_problems
 from node.settings import Settings
 from tests.conftest import Factory
 from tests.integration.test_admin_api import settings_for

@@ -187,11 +187,11 @@ class Ingest:
                 self._materialize(batch)
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"[:500]
+                self._hold_studies()  # before the problem is known: nothing completes them
                 if self.problem is None:
                     log.error("ingest: cannot write %d instance(s), retrying: %s", len(batch),
                               reason)
                 self.problem = f"cannot write received instances: {reason}"
-                self._hold_studies()
                 if self._stopping.wait(delay):
                     return False
                 delay = min(delay * 2, RETRY_MAX)
